@@ -1,0 +1,152 @@
+//! `qcoord`, the qcluster coordinator, as a library: the daemon's `main.rs` and the in-process test
+//! cluster both call [`start`].
+//!
+//! Map:
+//! - [`domain`]: jobs, attempts, ranks, nodes (what is persisted).
+//! - [`store`]: the durable state trait, with redb and in-memory backends.
+//! - [`scheduler`]: pure gang placement and queue order.
+//! - [`cluster`]: the state machine (submit, place, rank reports, node loss, cancel, restarts).
+//! - [`rendezvous`]: per-attempt rooms where ranks meet and share NCCL ids.
+//! - [`logs`]: rank logs as append-only files.
+//! - [`service`]: the gRPC edge (Coordinator, WorkerControl, Rendezvous) plus health and reflection.
+
+pub mod cluster;
+pub mod domain;
+pub mod logs;
+pub mod rendezvous;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+
+use cluster::{Cluster, ClusterTimings};
+use qcluster_proto::v1::coordinator_server::CoordinatorServer;
+use qcluster_proto::v1::rendezvous_server::RendezvousServer;
+use qcluster_proto::v1::worker_control_server::WorkerControlServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// How to run a coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    /// Holds `state.redb` and the rank logs.
+    pub state_dir: PathBuf,
+    /// Keep job state in memory only (benchmarks); logs still go to `state_dir`.
+    pub in_memory: bool,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// Between SIGTERM and SIGKILL when ranks are stopped.
+    pub stop_grace: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn new(listen: SocketAddr, state_dir: PathBuf) -> Self {
+        CoordinatorConfig {
+            listen,
+            state_dir,
+            in_memory: false,
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    /// The address it actually listens on (useful with port 0).
+    pub addr: SocketAddr,
+    pub cluster: Arc<Cluster>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl CoordinatorHandle {
+    /// `http://ADDR`, what clients connect to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and waits for the server to end (like a process exit: nothing is flushed that
+    /// was not already durable).
+    pub async fn stop(mut self) {
+        self.cluster.close_streams();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+    }
+
+    /// Waits until the server stops by itself (an error) — the daemon's main loop.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let task = self.task;
+        let _keep_shutdown_sender = self.shutdown;
+        task.await??;
+        Ok(())
+    }
+}
+
+/// Opens the state, binds the listener and serves in the background.
+pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandle> {
+    let store: Arc<dyn store::StateStore> = if config.in_memory {
+        Arc::new(store::MemoryStore::default())
+    } else {
+        Arc::new(store::RedbStore::open(&config.state_dir)?)
+    };
+    let timings = ClusterTimings {
+        heartbeat_interval: config.heartbeat_interval,
+        heartbeat_timeout: config.heartbeat_timeout,
+        stop_grace: config.stop_grace,
+    };
+    let cluster = Arc::new(Cluster::open(store, timings)?);
+    let api = service::Api { cluster: cluster.clone(), logs: logs::LogStore::new(&config.state_dir) };
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<service::Api>>().await;
+    health.set_serving::<WorkerControlServer<service::Api>>().await;
+    health.set_serving::<RendezvousServer<service::Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qcluster_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let liveness_cluster = cluster.clone();
+    let check_every = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
+    let liveness = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(check_every).await;
+            if let Err(e) = liveness_cluster.check_liveness().await {
+                tracing::error!("liveness check: {e}");
+            }
+        }
+    });
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(CoordinatorServer::new(api.clone()))
+        .add_service(WorkerControlServer::new(api.clone()))
+        .add_service(RendezvousServer::new(api));
+    let task = tokio::spawn(async move {
+        let result = server
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+        liveness.abort();
+        result
+    });
+    tracing::info!("qcoord listening on {addr}, state in {}", config.state_dir.display());
+    Ok(CoordinatorHandle { addr, cluster, shutdown: Some(shutdown_tx), task })
+}

@@ -1,0 +1,39 @@
+//! The op set of the Qwen3 model: each op is a forward and, where training needs it, an explicit backward.
+//!
+//! There is no autograd tape: a forward returns what its backward needs (or the caller keeps the inputs), and a
+//! backward takes the upstream gradient plus those saved values. Every op validates shapes, dtypes and devices,
+//! then dispatches on the backend. Module docs state each op's shapes and maths.
+//!
+//! | module | forward | backward |
+//! |---|---|---|
+//! | [`linear`] | `y = x·Wᵀ`, grouped per expert | `dx`, `dW` |
+//! | [`rmsnorm`] | RMSNorm over the last dim (hidden or per head) | `dx`, `dw` |
+//! | [`rope`] | rotate-half RoPE with explicit positions | inverse rotation |
+//! | [`swiglu`] | `silu(gate)·up` | `dgate`, `dup` |
+//! | [`attention`] | causal GQA attention with segments | `dq`, `dk`, `dv` |
+//! | [`embedding`] | row lookup | scatter-add |
+//! | [`cross_entropy`] | weighted mean CE | `dlogits` (same pass) |
+//! | [`router`] | softmax top-k router, aux-loss statistics | `dlogits` |
+//! | [`moe`] | token permute / weighted unpermute | scatter-add / `dyp`, `dweights` |
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod linear;
+pub mod moe;
+pub mod rmsnorm;
+pub mod rope;
+pub mod router;
+pub mod swiglu;
+
+pub use attention::{AttentionGrads, AttentionOut, attention_bwd, attention_fwd};
+pub use cross_entropy::{CrossEntropyOut, cross_entropy_fwd_bwd, cross_entropy_per_token};
+pub use embedding::{embedding_bwd, embedding_fwd};
+pub use linear::{
+    LinearGrads, grouped_linear_bwd, grouped_linear_fwd, linear_bwd, linear_fwd, matmul,
+};
+pub use moe::{MoePlan, moe_permute, moe_permute_bwd, moe_plan, moe_unpermute, moe_unpermute_bwd};
+pub use rmsnorm::{RmsNormGrads, RmsNormOut, rmsnorm_bwd, rmsnorm_fwd};
+pub use rope::{RopeTable, rope_bwd, rope_fwd};
+pub use router::{RouterOut, RouterStats, router_bwd, router_fwd};
+pub use swiglu::{SwigluGrads, swiglu_bwd, swiglu_fwd};

@@ -1,0 +1,11 @@
+//! The training engine that runs inside a rank process.
+//!
+//! It knows nothing of gRPC, YAML or the coordinator: callers hand it explicit values (a `ParallelDims`,
+//! a `Communicator`, a `qkernels::Device`). See ARCHITECTURE.md for the module map.
+
+pub mod comm;
+pub mod comm_check;
+pub mod dims;
+pub mod hf;
+pub mod model;
+pub mod optim;

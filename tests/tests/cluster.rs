@@ -1,0 +1,192 @@
+//! End-to-end control-plane tests on the in-process cluster with real rank processes.
+
+use qcluster_proto::v1 as pb;
+use qcluster_tests::{TestCluster, comm_check_yaml};
+use qworker::launch::process_alive;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comm_check_succeeds_with_verified_collectives_and_logs() {
+    let c = TestCluster::start(2, 2).await.unwrap();
+    let id = c.submit(&comm_check_yaml("cc", 4, 2, "")).await.unwrap();
+    let s = c.wait_job(&id, T, |s| s.state == "Succeeded" || s.state == "Failed").await.unwrap();
+    assert_eq!(s.state, "Succeeded", "{s:#?}\nlogs:\n{}", c.logs(&id).await.unwrap());
+    assert_eq!(s.attempt, 1);
+    let nodes: BTreeSet<_> = s.placement.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from(["n1", "n2"]));
+    for coll in ["all_reduce", "all_gather", "reduce_scatter"] {
+        assert_eq!(s.results[&format!("{coll}.verified")], "true", "{coll}");
+        let busbw: f64 = s.results[&format!("{coll}.busbw_gbps")].parse().unwrap();
+        assert!(busbw > 0.0 && busbw.is_finite(), "{coll} busbw {busbw}");
+    }
+    assert_eq!(s.results["comm_check.ranks"], "4");
+    let logs = c.logs(&id).await.unwrap();
+    assert!(logs.contains("rank 3/4 of job"), "{logs}");
+    assert!(logs.contains("all_reduce"), "{logs}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_that_does_not_fit_waits_and_starts_when_capacity_frees() {
+    let c = TestCluster::start(1, 4).await.unwrap();
+    let first = c.submit(&comm_check_yaml("first", 4, 1, ", hold_s: 1.5")).await.unwrap();
+    c.wait_state(&first, "Running", T).await.unwrap();
+    let second = c.submit(&comm_check_yaml("second", 3, 1, "")).await.unwrap();
+    let waiting = c.job(&second).await.unwrap();
+    assert_eq!(waiting.state, "Pending");
+    assert!(waiting.message.contains("waiting for resources"), "{}", waiting.message);
+    let f = c.wait_state(&first, "Succeeded", T).await.unwrap();
+    let s = c.wait_state(&second, "Succeeded", T).await.unwrap();
+    assert!(s.started_unix >= f.finished_unix, "second started before the first freed its slots");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_runs_first_then_submit_order() {
+    let c = TestCluster::start(1, 2).await.unwrap();
+    let blocker = c.submit(&comm_check_yaml("blocker", 2, 1, ", hold_s: 1.0")).await.unwrap();
+    c.wait_state(&blocker, "Running", T).await.unwrap();
+    let low1 = c.submit(&comm_check_yaml("low1", 2, 1, "")).await.unwrap();
+    let low2 = c.submit(&comm_check_yaml("low2", 2, 1, "")).await.unwrap();
+    let high = c.submit(&format!("priority: 5\n{}", comm_check_yaml("high", 2, 1, ""))).await.unwrap();
+    let mut started = Vec::new();
+    for id in [&low1, &low2, &high] {
+        let s = c.wait_state(id, "Succeeded", T).await.unwrap();
+        started.push((s.started_unix, s.name));
+    }
+    started.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let order: Vec<_> = started.into_iter().map(|(_, n)| n).collect();
+    assert_eq!(order, vec!["high", "low1", "low2"]);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_fails_the_attempt_and_the_job_reruns_elsewhere() {
+    let mut c = TestCluster::start(3, 1).await.unwrap();
+    let yaml = format!("max_restarts: 2\n{}", comm_check_yaml("survivor", 2, 2, ", hold_s: 2.0"));
+    let id = c.submit(&yaml).await.unwrap();
+    let running = c.wait_state(&id, "Running", T).await.unwrap();
+    let victim = running.placement[0].node.clone();
+    let pids = c.kill_worker(&victim);
+    assert!(!pids.is_empty());
+    let s = c.wait_job(&id, T, |s| s.state == "Succeeded" || s.state == "Failed").await.unwrap();
+    assert_eq!(s.state, "Succeeded", "{s:#?}");
+    assert_eq!(s.attempt, 2);
+    assert!(s.placement.iter().all(|p| p.node != victim), "attempt 2 placed on the dead node");
+    assert!(s.events.iter().any(|e| e.text.contains(&format!("node {victim} lost"))), "{:#?}", s.events);
+    for pid in pids {
+        assert!(!process_alive(pid), "rank {pid} of the killed worker survived");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_keeps_every_job_and_running_jobs_continue() {
+    let mut c = TestCluster::start(2, 2).await.unwrap();
+    let done = c.submit(&comm_check_yaml("done-before", 2, 1, "")).await.unwrap();
+    c.wait_state(&done, "Succeeded", T).await.unwrap();
+    let before = c.job(&done).await.unwrap();
+    let running = c.submit(&comm_check_yaml("spans-restart", 2, 2, ", hold_s: 3.0")).await.unwrap();
+    c.wait_state(&running, "Running", T).await.unwrap();
+    let queued = c.submit(&comm_check_yaml("queued", 8, 2, "")).await.unwrap();
+
+    c.restart_coordinator().await.unwrap();
+
+    let after = c.job(&done).await.unwrap();
+    assert_eq!(after.state, "Succeeded");
+    assert_eq!(after.events, before.events, "history survives the restart");
+    assert_eq!(after.results, before.results);
+    assert_eq!(c.job(&queued).await.unwrap().state, "Pending");
+    let s = c.wait_job(&running, T, |s| s.state == "Succeeded" || s.state == "Failed").await.unwrap();
+    assert_eq!(s.state, "Succeeded", "{s:#?}");
+    assert_eq!(s.attempt, 1, "the running job continued instead of restarting: {:#?}", s.events);
+    let all = c.client().await.unwrap().list_jobs(pb::ListJobsRequest { states: vec![] }).await.unwrap().into_inner();
+    assert_eq!(all.jobs.len(), 3);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_leaves_no_rank_process() {
+    let c = TestCluster::start(1, 4).await.unwrap();
+    let id = c.submit(&comm_check_yaml("to-cancel", 4, 1, ", hold_s: 120")).await.unwrap();
+    c.wait_state(&id, "Running", T).await.unwrap();
+    let pids = c.recorded_pids(&id);
+    assert_eq!(pids.len(), 4);
+    assert!(pids.iter().all(|p| process_alive(*p)));
+    let r = c.client().await.unwrap().cancel_job(pb::CancelJobRequest { job_id: id.clone() }).await.unwrap();
+    assert_eq!(r.into_inner().state, "Cancelled");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| process_alive(*p)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let alive: Vec<_> = pids.iter().filter(|p| process_alive(**p)).collect();
+    assert!(alive.is_empty(), "rank processes still alive after cancel: {alive:?}");
+    assert_eq!(c.job(&id).await.unwrap().state, "Cancelled");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors() {
+    let c = TestCluster::start(1, 1).await.unwrap();
+    let mut client = c.client().await.unwrap();
+    let submit = |yaml: &str| pb::SubmitJobRequest { spec_yaml: yaml.into(), source_name: "job.yaml".into() };
+
+    let e = client.submit_job(submit("name: x\nkind: [comm-check\n")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("job.yaml:"), "{}", e.message());
+
+    let e = client.submit_job(submit("name: x\nkind: comm-check\nresources: {ranks: 1}\nlearning_rat: 1\n")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("learning_rat") && e.message().contains("job.yaml:4"), "{}", e.message());
+
+    let e = client.submit_job(submit("name: x\nkind: comm-check\nresources: {nodes: 2, ranks: 3}\n")).await.unwrap_err();
+    assert!(e.message().contains("resources.ranks"), "{}", e.message());
+
+    // Valid but larger than the cluster: accepted, waits with a reason, blocks nobody.
+    let huge = c.submit(&comm_check_yaml("huge", 64, 1, "")).await.unwrap();
+    let small = c.submit(&comm_check_yaml("small", 1, 1, "")).await.unwrap();
+    c.wait_state(&small, "Succeeded", T).await.unwrap();
+    let h = c.job(&huge).await.unwrap();
+    assert_eq!(h.state, "Pending");
+    assert!(h.message.starts_with("unschedulable"), "{}", h.message);
+
+    let e = client.get_job(pb::GetJobRequest { job_id: "nope-1".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("nope-1"));
+    let e = client.cancel_job(pb::CancelJobRequest { job_id: "nope-2".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_submissions_all_finish_once() {
+    let c = TestCluster::start(2, 4).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = c.url();
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::coordinator_client::CoordinatorClient::connect(url).await.unwrap();
+            let ranks = 1 + (i % 2);
+            let yaml = comm_check_yaml(&format!("burst{i}"), ranks, 1, "").replace("iters: 3", "iters: 1");
+            let req = pb::SubmitJobRequest { spec_yaml: yaml, source_name: format!("burst{i}.yaml") };
+            client.submit_job(req).await.unwrap().into_inner().job_id
+        }));
+    }
+    let mut ids = BTreeSet::new();
+    for t in tasks {
+        assert!(ids.insert(t.await.unwrap()), "duplicate job id");
+    }
+    assert_eq!(ids.len(), 200);
+    for id in &ids {
+        let s = c.wait_job(id, Duration::from_secs(240), |s| s.state == "Succeeded" || s.state == "Failed").await.unwrap();
+        assert_eq!(s.state, "Succeeded", "{s:#?}");
+        assert_eq!(s.attempt, 1);
+    }
+    let all = c.client().await.unwrap().list_jobs(pb::ListJobsRequest { states: vec![] }).await.unwrap().into_inner();
+    let listed: BTreeSet<_> = all.jobs.iter().map(|j| j.job_id.clone()).collect();
+    assert_eq!(listed, ids, "every job listed exactly once");
+    c.shutdown().await;
+}

@@ -1,0 +1,15 @@
+//! `qworker`, the node daemon, as a library: the daemon's `main.rs`, `qctl up` and the in-process test
+//! cluster all call [`daemon::start`].
+//!
+//! Map:
+//! - [`daemon`]: register, heartbeat, assignments, reports, log shipping.
+//! - [`launch`]: rank processes (process groups, death signal, pid files, output pumps, stop).
+//! - [`gpus`]: GPU discovery through the CUDA driver (0 without one).
+//! - [`rank`]: the entry point that runs inside each rank process.
+
+pub mod daemon;
+pub mod gpus;
+pub mod launch;
+pub mod rank;
+
+pub use daemon::{GpuSetting, WorkerConfig, WorkerHandle, start};

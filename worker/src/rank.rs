@@ -1,0 +1,178 @@
+//! The rank-process entry point (`qworker rank`, also `qctl rank`): what runs inside each process the
+//! worker launches. It reads its identity from the environment the worker set (`QCLUSTER_*`), meets its
+//! peers through the coordinator's rendezvous, runs the job's body, and reports results.
+
+use qcluster_proto::v1 as pb;
+use qcluster_proto::v1::rendezvous_client::RendezvousClient;
+use qjobspec::{JobKind, JobSpec};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Who this rank is, from the worker-provided environment.
+#[derive(Debug, Clone)]
+pub struct RankEnv {
+    pub coordinator: String,
+    pub job_id: String,
+    pub attempt: u32,
+    pub rank: u32,
+    pub local_rank: u32,
+    pub world_size: u32,
+    pub node_address: String,
+    pub spec_path: PathBuf,
+    pub run_dir: PathBuf,
+    pub resume_from: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RankEnvError {
+    #[error("environment variable {0} is not set (rank processes are started by qworker)")]
+    Missing(&'static str),
+    #[error("environment variable {name}={value:?} is not a number")]
+    NotNumber { name: &'static str, value: String },
+}
+
+impl RankEnv {
+    pub fn from_env() -> Result<RankEnv, RankEnvError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<RankEnv, RankEnvError> {
+        let var = |name: &'static str| get(name).ok_or(RankEnvError::Missing(name));
+        let num = |name: &'static str| -> Result<u32, RankEnvError> {
+            let value = var(name)?;
+            value.parse().map_err(|_| RankEnvError::NotNumber { name, value })
+        };
+        let resume = get("QCLUSTER_RESUME_FROM").filter(|s| !s.is_empty()).map(PathBuf::from);
+        Ok(RankEnv {
+            coordinator: var("QCLUSTER_COORDINATOR")?,
+            job_id: var("QCLUSTER_JOB_ID")?,
+            attempt: num("QCLUSTER_ATTEMPT")?,
+            rank: num("QCLUSTER_RANK")?,
+            local_rank: num("QCLUSTER_LOCAL_RANK")?,
+            world_size: num("QCLUSTER_WORLD_SIZE")?,
+            node_address: get("QCLUSTER_NODE_ADDRESS").unwrap_or_else(|| "127.0.0.1".into()),
+            spec_path: PathBuf::from(var("QCLUSTER_SPEC")?),
+            run_dir: PathBuf::from(var("QCLUSTER_RUN_DIR")?),
+            resume_from: resume,
+        })
+    }
+}
+
+/// A rank's line to the coordinator (blocking wrappers over the async client).
+pub struct RankClient {
+    env: RankEnv,
+    runtime: tokio::runtime::Runtime,
+    client: RendezvousClient<Channel>,
+}
+
+impl RankClient {
+    pub fn connect(env: RankEnv) -> anyhow::Result<RankClient> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        // The channel's background task is spawned on this runtime (it runs inside `block_on`).
+        let _guard = runtime.enter();
+        let channel = Channel::from_shared(env.coordinator.clone())?.connect_timeout(Duration::from_secs(5)).connect_lazy();
+        Ok(RankClient { env, runtime, client: RendezvousClient::new(channel) })
+    }
+
+    /// Retries a call through coordinator restarts until `deadline` passes.
+    fn retrying<T>(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        mut call: impl FnMut(RendezvousClient<Channel>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, tonic::Status>> + Send>>,
+    ) -> anyhow::Result<T> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.runtime.block_on(call(self.client.clone())) {
+                Ok(v) => return Ok(v),
+                Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && start.elapsed() < deadline => {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(s) => anyhow::bail!("{what}: {}", s.message()),
+            }
+        }
+    }
+
+    /// Announces `address` and returns every rank's address (index = rank).
+    pub fn join(&mut self, address: String, timeout: Duration) -> anyhow::Result<Vec<String>> {
+        let req = pb::JoinRequest {
+            job_id: self.env.job_id.clone(),
+            attempt: self.env.attempt,
+            rank: self.env.rank,
+            world_size: self.env.world_size,
+            address,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        self.retrying("rendezvous", timeout, move |mut c| {
+            let req = req.clone();
+            Box::pin(async move { c.join(req).await.map(|r| r.into_inner().addresses) })
+        })
+    }
+
+    /// Reports progress/results (retried through a coordinator restart for up to a minute).
+    pub fn report(&mut self, progress: Option<pb::Progress>, results: HashMap<String, String>) -> anyhow::Result<()> {
+        let req = pb::ProgressReport {
+            job_id: self.env.job_id.clone(),
+            attempt: self.env.attempt,
+            rank: self.env.rank,
+            progress,
+            results,
+            checkpoint_committed: String::new(),
+            checkpoint_step: 0,
+        };
+        self.retrying("progress report", Duration::from_secs(60), move |mut c| {
+            let req = req.clone();
+            Box::pin(async move { c.report_progress(req).await.map(|_| ()) })
+        })
+    }
+}
+
+/// Runs this rank; the process exits 0 on success.
+pub fn rank_main() -> anyhow::Result<()> {
+    let env = RankEnv::from_env()?;
+    let spec_text = std::fs::read_to_string(&env.spec_path)
+        .map_err(|e| anyhow::anyhow!("cannot read job spec {}: {e}", env.spec_path.display()))?;
+    let spec = JobSpec::parse(&spec_text, &env.spec_path.display().to_string())?;
+    eprintln!(
+        "rank {}/{} of job {} attempt {} ({})",
+        env.rank, env.world_size, env.job_id, env.attempt, spec.kind
+    );
+    match spec.kind {
+        JobKind::CommCheck => run_comm_check(env, &spec),
+        other => anyhow::bail!("job kind `{other}` cannot run in a rank process of this build"),
+    }
+}
+
+fn run_comm_check(env: RankEnv, spec: &JobSpec) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((env.node_address.as_str(), 0))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
+        .map_err(|e| anyhow::anyhow!("cannot open a listener for peers: {e}"))?;
+    let address = format!("{}:{}", env.node_address, listener.local_addr()?.port());
+    let rank = env.rank as usize;
+    let mut client = RankClient::connect(env)?;
+    let addresses = client.join(address, Duration::from_secs(300))?;
+    let comm = qparallel::comm::CpuCommunicator::connect_tcp(rank, listener, &addresses, Duration::from_secs(120))?;
+    let report = qparallel::comm_check::run_comm_check(&comm, spec.comm_check.bytes as usize, spec.comm_check.iters as usize)?;
+    println!("{report}");
+    if rank == 0 {
+        let mut results = HashMap::new();
+        for r in &report.results {
+            let name = r.collective.name();
+            results.insert(format!("{name}.busbw_gbps"), format!("{:.3}", r.busbw_gbps));
+            results.insert(format!("{name}.algbw_gbps"), format!("{:.3}", r.algbw_gbps));
+            results.insert(format!("{name}.verified"), r.passed.to_string());
+        }
+        results.insert("comm_check.bytes".into(), spec.comm_check.bytes.to_string());
+        results.insert("comm_check.ranks".into(), report.ranks.to_string());
+        client.report(None, results)?;
+    }
+    if spec.comm_check.hold_s > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(spec.comm_check.hold_s));
+    }
+    comm.barrier()?;
+    anyhow::ensure!(report.passed(), "comm-check verification failed: {report}");
+    Ok(())
+}
