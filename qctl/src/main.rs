@@ -1,1 +1,161 @@
-fn main() {}
+//! `qctl`: what people type. Cluster commands talk to a coordinator over gRPC (see `remote`); `up`
+//! runs a coordinator and this machine's worker in one process; `train --local` and `logits` run the
+//! engine here (see `local`).
+
+mod local;
+mod remote;
+
+use clap::{Parser, Subcommand};
+use remote::Output;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "qctl", version, about = "qcluster command line")]
+struct Cli {
+    /// Coordinator URL.
+    #[arg(long, global = true, env = "QCTL_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    coordinator: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "text")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a job spec; prints the job id.
+    Submit { job: PathBuf },
+    /// Show one job: state, attempt, placement, progress, results, events.
+    Status { job_id: String },
+    /// List jobs (optionally only some states, e.g. --state Running).
+    List {
+        #[arg(long = "state")]
+        states: Vec<String>,
+    },
+    /// Print a job's rank logs; -f follows until the job ends.
+    Logs {
+        job_id: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        rank: Option<u32>,
+    },
+    /// Cancel a job (its ranks get SIGTERM, then SIGKILL after the grace period).
+    Cancel { job_id: String },
+    /// List the nodes and what runs on them.
+    Nodes,
+    /// Run a coordinator and this machine's worker in one process (the embedded default).
+    Up(UpArgs),
+    /// Train in this process (`--local`).
+    Train(local::TrainArgs),
+    /// Run a model on token ids: prints the mean next-token loss, writes the logits.
+    Logits(local::LogitsArgs),
+    /// Run one rank (started by a worker).
+    #[command(hide = true)]
+    Rank,
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: std::net::SocketAddr,
+    /// Coordinator state (default: ~/.qcluster/state).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Worker work dir (default: ~/.qcluster/work).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    #[arg(long, default_value = "local")]
+    node_name: String,
+    /// CPU rank slots (default: the number of cores, at least 4).
+    #[arg(long)]
+    cpu_slots: Option<u32>,
+    /// GPUs to offer: `auto` or a number.
+    #[arg(long, default_value = "auto")]
+    gpus: String,
+    /// Submit this job, stream its logs, print its status and exit with its result.
+    #[arg(long)]
+    run: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Rank => return qworker::rank::rank_main(),
+        Command::Train(args) => return local::train(args),
+        Command::Logits(args) => return local::logits(args),
+        _ => {}
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let out = cli.output;
+        if let Command::Up(args) = cli.command {
+            return up(args, out).await;
+        }
+        let mut client = remote::connect(&cli.coordinator).await?;
+        match cli.command {
+            Command::Submit { job } => remote::submit(&mut client, &job, out).await.map(|_| ()),
+            Command::Status { job_id } => remote::status(&mut client, &job_id, out).await.map(|_| ()),
+            Command::List { states } => remote::list(&mut client, states, out).await,
+            Command::Logs { job_id, follow, rank } => remote::logs(&mut client, &job_id, follow, rank, out).await,
+            Command::Cancel { job_id } => remote::cancel(&mut client, &job_id, out).await,
+            Command::Nodes => remote::nodes(&mut client, out).await,
+            Command::Up(_) | Command::Train(_) | Command::Logits(_) | Command::Rank => unreachable!(),
+        }
+    })
+}
+
+fn home_dir(sub: &str) -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".qcluster").join(sub)
+}
+
+async fn up(args: UpArgs, out: Output) -> anyhow::Result<()> {
+    let state_dir = args.state_dir.unwrap_or_else(|| home_dir("state"));
+    let work_dir = args.work_dir.unwrap_or_else(|| home_dir("work"));
+    let coordinator = qcoord::start(qcoord::CoordinatorConfig::new(args.listen, state_dir.clone())).await?;
+    let url = coordinator.url();
+    let mut config = qworker::WorkerConfig::new(url.clone(), args.node_name, work_dir);
+    config.gpus = if args.gpus == "auto" {
+        qworker::GpuSetting::Auto
+    } else {
+        qworker::GpuSetting::Count(args.gpus.parse().map_err(|_| anyhow::anyhow!("--gpus must be `auto` or a number"))?)
+    };
+    config.cpu_slots = args
+        .cpu_slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1).max(4));
+    let worker = qworker::start(config)?;
+    eprintln!("qcluster up: coordinator {url} (state {}), worker on this machine", state_dir.display());
+    let result = match args.run {
+        Some(job) => run_one(&url, &job, out).await,
+        None => {
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+    };
+    worker.shutdown(Duration::from_secs(10)).await;
+    coordinator.stop().await;
+    result
+}
+
+/// Submits a job, follows its logs to the end, prints its status, and fails unless it succeeded.
+async fn run_one(url: &str, job: &std::path::Path, out: Output) -> anyhow::Result<()> {
+    let mut client = remote::connect(url).await?;
+    for _ in 0..100 {
+        let nodes = client.list_nodes(qcluster_proto::v1::ListNodesRequest {}).await?.into_inner().nodes;
+        if nodes.iter().any(|n| n.alive) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = remote::submit(&mut client, job, Output::Text).await?;
+    remote::logs(&mut client, &id, true, None, Output::Text).await?;
+    let status = remote::status(&mut client, &id, out).await?;
+    anyhow::ensure!(status.state == "Succeeded", "job {id} ended {}: {}", status.state, status.message);
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! Commands that talk to a coordinator over gRPC: submit, status, list, logs, cancel, nodes.
+//! Every command prints a human table by default and JSON with `-o json`.
+
+use anyhow::Context;
+use qcluster_proto::v1 as pb;
+use qcluster_proto::v1::coordinator_client::CoordinatorClient;
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+pub async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    CoordinatorClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url} (is qcoord or `qctl up` running? set --coordinator or QCTL_COORDINATOR)"))
+}
+
+/// A gRPC error as the user should read it.
+pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {}", s.message())
+}
+
+pub async fn submit(client: &mut CoordinatorClient<Channel>, path: &Path, out: Output) -> anyhow::Result<String> {
+    let yaml = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Validate locally first so errors name the file even before the network.
+    qjobspec::JobSpec::parse(&yaml, &path.display().to_string())?;
+    let req = pb::SubmitJobRequest { spec_yaml: yaml, source_name: path.display().to_string() };
+    let id = client.submit_job(req).await.map_err(|s| status_error("submit refused", s))?.into_inner().job_id;
+    match out {
+        Output::Text => println!("{id}"),
+        Output::Json => println!("{}", json!({ "job_id": id })),
+    }
+    Ok(id)
+}
+
+pub fn job_json(j: &pb::JobStatus) -> serde_json::Value {
+    let p = j.progress.clone().unwrap_or_default();
+    json!({
+        "job_id": j.job_id, "name": j.name, "kind": j.kind, "state": j.state, "priority": j.priority,
+        "attempt": j.attempt, "max_restarts": j.max_restarts, "world_size": j.world_size,
+        "submitted_unix": j.submitted_unix, "started_unix": j.started_unix, "finished_unix": j.finished_unix,
+        "message": j.message, "resume_from": j.resume_from,
+        "placement": j.placement.iter().map(|p| json!({"node": p.node, "ranks": p.ranks})).collect::<Vec<_>>(),
+        "progress": {"step": p.step, "total_steps": p.total_steps, "loss": p.loss, "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s},
+        "results": j.results,
+        "events": j.events.iter().map(|e| json!({"unix": e.unix, "text": e.text})).collect::<Vec<_>>(),
+    })
+}
+
+fn ranks_text(ranks: &[u32]) -> String {
+    match (ranks.first(), ranks.last()) {
+        (Some(a), Some(b)) if ranks.len() > 2 && (*b - *a) as usize == ranks.len() - 1 => format!("{a}-{b}"),
+        _ => ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
+    }
+}
+
+fn clock(unix: f64) -> String {
+    if unix <= 0.0 {
+        return "-".into();
+    }
+    let secs = unix as u64 % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+pub fn print_status(j: &pb::JobStatus) {
+    println!("job        {} ({}, {})", j.job_id, j.name, j.kind);
+    println!("state      {}  — {}", j.state, j.message);
+    println!("attempt    {} (max_restarts {}), world size {}, priority {}", j.attempt, j.max_restarts, j.world_size, j.priority);
+    if !j.placement.is_empty() {
+        let place: Vec<String> = j.placement.iter().map(|p| format!("{} → ranks {}", p.node, ranks_text(&p.ranks))).collect();
+        println!("placement  {}", place.join("; "));
+    }
+    if !j.resume_from.is_empty() {
+        println!("resumes    {}", j.resume_from);
+    }
+    if let Some(p) = &j.progress
+        && p.total_steps > 0
+    {
+        println!(
+            "progress   step {}/{}  loss {:.4}  {:.0} tokens/s  ETA {:.0}s",
+            p.step, p.total_steps, p.loss, p.tokens_per_s, p.eta_s
+        );
+    }
+    if !j.results.is_empty() {
+        println!("results");
+        let mut keys: Vec<_> = j.results.keys().collect();
+        keys.sort();
+        for k in keys {
+            println!("  {k} = {}", j.results[k]);
+        }
+    }
+    println!("events");
+    for e in &j.events {
+        println!("  {}  {}", clock(e.unix), e.text);
+    }
+}
+
+pub async fn status(client: &mut CoordinatorClient<Channel>, id: &str, out: Output) -> anyhow::Result<pb::JobStatus> {
+    let j = client.get_job(pb::GetJobRequest { job_id: id.into() }).await.map_err(|s| status_error("status", s))?.into_inner();
+    match out {
+        Output::Text => print_status(&j),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&j))?),
+    }
+    Ok(j)
+}
+
+pub async fn list(client: &mut CoordinatorClient<Channel>, states: Vec<String>, out: Output) -> anyhow::Result<()> {
+    let jobs = client.list_jobs(pb::ListJobsRequest { states }).await.map_err(|s| status_error("list", s))?.into_inner().jobs;
+    match out {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?),
+        Output::Text => {
+            println!("{:<32} {:<12} {:<13} {:>7} {:>5}  MESSAGE", "JOB", "KIND", "STATE", "ATTEMPT", "RANKS");
+            for j in &jobs {
+                println!("{:<32} {:<12} {:<13} {:>7} {:>5}  {}", j.job_id, j.kind, j.state, j.attempt, j.world_size, j.message);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn cancel(client: &mut CoordinatorClient<Channel>, id: &str, out: Output) -> anyhow::Result<()> {
+    let state = client.cancel_job(pb::CancelJobRequest { job_id: id.into() }).await.map_err(|s| status_error("cancel", s))?.into_inner().state;
+    match out {
+        Output::Text => println!("{id}: {state}"),
+        Output::Json => println!("{}", json!({"job_id": id, "state": state})),
+    }
+    Ok(())
+}
+
+pub async fn nodes(client: &mut CoordinatorClient<Channel>, out: Output) -> anyhow::Result<()> {
+    let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(|s| status_error("nodes", s))?.into_inner().nodes;
+    match out {
+        Output::Json => {
+            let v: Vec<_> = nodes
+                .iter()
+                .map(|n| {
+                    json!({"name": n.name, "alive": n.alive, "address": n.address, "gpus": n.gpus, "gpus_used": n.gpus_used,
+                           "gpu_names": n.gpu_names, "cpu_slots": n.cpu_slots, "cpu_slots_used": n.cpu_slots_used,
+                           "last_heartbeat_unix": n.last_heartbeat_unix, "running": n.running})
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Text => {
+            println!("{:<20} {:<6} {:>9} {:>9}  RUNNING", "NODE", "ALIVE", "GPUS", "CPU");
+            for n in &nodes {
+                println!(
+                    "{:<20} {:<6} {:>9} {:>9}  {}",
+                    n.name,
+                    if n.alive { "yes" } else { "no" },
+                    format!("{}/{}", n.gpus_used, n.gpus),
+                    format!("{}/{}", n.cpu_slots_used, n.cpu_slots),
+                    n.running.join("; ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Streams a job's logs. Without `--rank`, lines are prefixed with `[rN]` (and the attempt when the
+/// job had several); partial lines wait for their end so ranks never interleave within a line.
+pub async fn logs(
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+    follow: bool,
+    rank: Option<u32>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let req = pb::StreamLogsRequest { job_id: id.into(), follow, rank, attempt: None };
+    let mut stream = client.stream_logs(req).await.map_err(|s| status_error("logs", s))?.into_inner();
+    let mut partial: HashMap<(u32, u32, String), Vec<u8>> = HashMap::new();
+    let stdout = std::io::stdout();
+    while let Some(chunk) = stream.message().await.map_err(|s| status_error("logs", s))? {
+        if out == Output::Json {
+            let line = json!({"attempt": chunk.attempt, "rank": chunk.rank, "stream": chunk.stream,
+                              "data": String::from_utf8_lossy(&chunk.data)});
+            println!("{line}");
+            continue;
+        }
+        let buf = partial.entry((chunk.attempt, chunk.rank, chunk.stream.clone())).or_default();
+        buf.extend_from_slice(&chunk.data);
+        let mut lock = stdout.lock();
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if rank.is_none() {
+                write!(lock, "[a{} r{}] ", chunk.attempt, chunk.rank)?;
+            }
+            lock.write_all(&line)?;
+        }
+        lock.flush()?;
+    }
+    for ((attempt, r, _), rest) in partial {
+        if !rest.is_empty() {
+            if rank.is_none() {
+                print!("[a{attempt} r{r}] ");
+            }
+            println!("{}", String::from_utf8_lossy(&rest));
+        }
+    }
+    Ok(())
+}
