@@ -115,9 +115,13 @@ pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandl
     health.set_serving::<CoordinatorServer<service::Api>>().await;
     health.set_serving::<WorkerControlServer<service::Api>>().await;
     health.set_serving::<RendezvousServer<service::Api>>().await;
+    // Both reflection versions: grpcurl speaks v1, several language clients still only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(qcluster_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qcluster_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
 
     let liveness_cluster = cluster.clone();
     let check_every = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
@@ -135,6 +139,7 @@ pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandl
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(api.clone()))
         .add_service(WorkerControlServer::new(api.clone()))
         .add_service(RendezvousServer::new(api));

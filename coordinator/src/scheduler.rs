@@ -106,6 +106,9 @@ pub fn place(req: GangRequest, nodes: &mut [NodeFree]) -> Result<Vec<PlacedRank>
     Ok(placed)
 }
 
+/// Why a job waits when an earlier job in queue order is waiting for resources.
+pub const QUEUED_BEHIND: &str = "queued behind an earlier job that is waiting for resources";
+
 /// A queued job as the scheduler sees it.
 #[derive(Debug, Clone)]
 pub struct QueuedJob {
@@ -123,10 +126,11 @@ pub fn schedule(
     queue.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
     let mut placed = Vec::new();
     let mut waiting = Vec::new();
-    let mut blocked_by: Option<String> = None;
+    let mut blocked_by: Option<String> = None; // the first job that waits for resources
     for job in queue {
-        if let Some(head) = &blocked_by {
-            waiting.push((job.id, format!("queued behind {head}")));
+        if blocked_by.is_some() {
+            // A fixed text, so a long queue is not rewritten each time the head changes.
+            waiting.push((job.id, QUEUED_BEHIND.to_string()));
             continue;
         }
         match place(job.request, nodes) {
@@ -210,6 +214,6 @@ mod tests {
         let reasons: std::collections::BTreeMap<_, _> = waiting.into_iter().collect();
         assert!(reasons["huge"].starts_with("unschedulable"), "{}", reasons["huge"]);
         assert!(reasons["big"].starts_with("waiting for resources"), "{}", reasons["big"]);
-        assert_eq!(reasons["low"], "queued behind big");
+        assert_eq!(reasons["low"], QUEUED_BEHIND);
     }
 }
