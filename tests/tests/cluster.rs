@@ -69,6 +69,20 @@ async fn a_killed_worker_fails_the_attempt_and_the_job_reruns_elsewhere() {
     let yaml = format!("max_restarts: 2\n{}", comm_check_yaml("survivor", 2, 2, ", hold_s: 2.0"));
     let id = c.submit(&yaml).await.unwrap();
     let running = c.wait_state(&id, "Running", T).await.unwrap();
+    // A rank reports a committed checkpoint; the next attempt must be told to resume from it.
+    let mut rendezvous = pb::rendezvous_client::RendezvousClient::connect(c.url()).await.unwrap();
+    rendezvous
+        .report_progress(pb::ProgressReport {
+            job_id: id.clone(),
+            attempt: 1,
+            rank: 0,
+            progress: Some(pb::Progress { step: 10, total_steps: 100, loss: 2.5, ..Default::default() }),
+            results: Default::default(),
+            checkpoint_committed: "/shared/ckpt/survivor/checkpoint-10".into(),
+            checkpoint_step: 10,
+        })
+        .await
+        .unwrap();
     let victim = running.placement[0].node.clone();
     let pids = c.kill_worker(&victim);
     assert!(!pids.is_empty());
@@ -77,6 +91,10 @@ async fn a_killed_worker_fails_the_attempt_and_the_job_reruns_elsewhere() {
     assert_eq!(s.attempt, 2);
     assert!(s.placement.iter().all(|p| p.node != victim), "attempt 2 placed on the dead node");
     assert!(s.events.iter().any(|e| e.text.contains(&format!("node {victim} lost"))), "{:#?}", s.events);
+    assert_eq!(s.resume_from, "/shared/ckpt/survivor/checkpoint-10");
+    assert!(s.events.iter().any(|e| e.text.contains("resuming from /shared/ckpt/survivor/checkpoint-10")));
+    let p = s.progress.unwrap();
+    assert_eq!((p.step, p.total_steps), (10, 100), "progress reported by rank 0 of attempt 1 is kept");
     for pid in pids {
         assert!(!process_alive(pid), "rank {pid} of the killed worker survived");
     }
