@@ -52,6 +52,15 @@ enum Command {
     Train(local::TrainArgs),
     /// Run a model on token ids: prints the mean next-token loss, writes the logits.
     Logits(local::LogitsArgs),
+    /// Start this node's ranks without a coordinator (torchrun / Slurm / Alibaba DLC style): reads
+    /// NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT (or DLC's WORLD_SIZE/RANK as node
+    /// count/index); the ranks meet through a TCP store on node 0.
+    Launch {
+        job: PathBuf,
+        /// Where rank run directories go.
+        #[arg(long, default_value = "qcluster-run")]
+        run_dir: PathBuf,
+    },
     /// Run one rank (started by a worker).
     #[command(hide = true)]
     Rank,
@@ -86,6 +95,7 @@ fn main() -> anyhow::Result<()> {
         Command::Rank => return qworker::rank::rank_main(),
         Command::Train(args) => return local::train(args),
         Command::Logits(args) => return local::logits(args),
+        Command::Launch { job, run_dir } => return launch(&job, run_dir),
         _ => {}
     }
     tracing_subscriber::fmt()
@@ -106,9 +116,20 @@ fn main() -> anyhow::Result<()> {
             Command::Logs { job_id, follow, rank } => remote::logs(&mut client, &job_id, follow, rank, out).await,
             Command::Cancel { job_id } => remote::cancel(&mut client, &job_id, out).await,
             Command::Nodes => remote::nodes(&mut client, out).await,
-            Command::Up(_) | Command::Train(_) | Command::Logits(_) | Command::Rank => unreachable!(),
+            Command::Up(_) | Command::Train(_) | Command::Logits(_) | Command::Launch { .. } | Command::Rank => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     })
+}
+
+fn launch(job: &std::path::Path, run_dir: PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(job).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", job.display()))?;
+    let spec = qjobspec::JobSpec::parse(&text, &job.display().to_string())?;
+    let env = qworker::launcher::LaunchEnv::from_lookup(|k| std::env::var(k).ok(), spec.ranks_per_node())?;
+    let exe = std::env::current_exe()?.display().to_string();
+    let code = qworker::launcher::launch(job, &env, vec![exe, "rank".into()], run_dir)?;
+    std::process::exit(code)
 }
 
 fn home_dir(sub: &str) -> PathBuf {

@@ -90,3 +90,35 @@ fn cluster_commands_print_text_json_and_clear_errors() {
     assert!(!ok && stderr.contains("cannot reach the coordinator"), "{stderr}");
     rt.block_on(coordinator.stop());
 }
+
+#[test]
+fn launch_without_a_coordinator_over_two_fake_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("cc.yaml");
+    std::fs::write(&job, "name: cc\nkind: comm-check\nresources: {nodes: 2, ranks: 4}\ncomm_check: {bytes: 4096, iters: 2}\n").unwrap();
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        qctl()
+            .arg("launch")
+            .arg(&job)
+            .arg("--run-dir")
+            .arg(dir.path().join(format!("node{rank}")))
+            .env("NNODES", "2")
+            .env("NODE_RANK", rank)
+            .env("NPROC_PER_NODE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (n0, n1) = (node("0"), node("1"));
+    let (o0, o1) = (n0.wait_with_output().unwrap(), n1.wait_with_output().unwrap());
+    let text0 = String::from_utf8_lossy(&o0.stdout);
+    assert!(o0.status.success() && o1.status.success(), "{text0}\n{}", String::from_utf8_lossy(&o0.stderr));
+    let results = text0.lines().find_map(|l| l.strip_prefix("qcluster-results ")).expect("rank 0 prints its results");
+    let v: serde_json::Value = serde_json::from_str(results).unwrap();
+    assert_eq!(v["comm_check.ranks"], "4");
+    assert_eq!(v["all_reduce.verified"], "true");
+}

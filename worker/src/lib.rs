@@ -6,10 +6,13 @@
 //! - [`launch`]: rank processes (process groups, death signal, pid files, output pumps, stop).
 //! - [`gpus`]: GPU discovery through the CUDA driver (0 without one).
 //! - [`rank`]: the entry point that runs inside each rank process.
+//! - [`launcher`] + [`tcp_store`]: launches without a coordinator (torchrun/Slurm/DLC style).
 
 pub mod daemon;
 pub mod gpus;
 pub mod launch;
+pub mod launcher;
 pub mod rank;
+pub mod tcp_store;
 
 pub use daemon::{GpuSetting, WorkerConfig, WorkerHandle, start};

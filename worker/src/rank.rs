@@ -11,10 +11,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-/// Who this rank is, from the worker-provided environment.
+/// How a rank meets its peers: through the coordinator's Rendezvous service (ranks a worker
+/// launched), or through a TCP store on node 0 (launches without a coordinator, see `launcher`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Meeting {
+    Coordinator(String),
+    TcpStore(String),
+}
+
+/// Who this rank is, from the environment its launcher set.
 #[derive(Debug, Clone)]
 pub struct RankEnv {
-    pub coordinator: String,
+    pub meeting: Meeting,
     pub job_id: String,
     pub attempt: u32,
     pub rank: u32,
@@ -28,8 +36,10 @@ pub struct RankEnv {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RankEnvError {
-    #[error("environment variable {0} is not set (rank processes are started by qworker)")]
+    #[error("environment variable {0} is not set (rank processes are started by qworker or `qctl launch`)")]
     Missing(&'static str),
+    #[error("neither QCLUSTER_COORDINATOR nor QCLUSTER_STORE is set: a rank needs one to meet its peers")]
+    NoMeeting,
     #[error("environment variable {name}={value:?} is not a number")]
     NotNumber { name: &'static str, value: String },
 }
@@ -46,8 +56,13 @@ impl RankEnv {
             value.parse().map_err(|_| RankEnvError::NotNumber { name, value })
         };
         let resume = get("QCLUSTER_RESUME_FROM").filter(|s| !s.is_empty()).map(PathBuf::from);
+        let meeting = match (get("QCLUSTER_COORDINATOR"), get("QCLUSTER_STORE")) {
+            (Some(url), _) if !url.is_empty() => Meeting::Coordinator(url),
+            (_, Some(store)) if !store.is_empty() => Meeting::TcpStore(store),
+            _ => return Err(RankEnvError::NoMeeting),
+        };
         Ok(RankEnv {
-            coordinator: var("QCLUSTER_COORDINATOR")?,
+            meeting,
             job_id: var("QCLUSTER_JOB_ID")?,
             attempt: num("QCLUSTER_ATTEMPT")?,
             rank: num("QCLUSTER_RANK")?,
@@ -69,11 +84,11 @@ pub struct RankClient {
 }
 
 impl RankClient {
-    pub fn connect(env: RankEnv) -> anyhow::Result<RankClient> {
+    pub fn connect(env: RankEnv, url: &str) -> anyhow::Result<RankClient> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         // The channel's background task is spawned on this runtime (it runs inside `block_on`).
         let _guard = runtime.enter();
-        let channel = Channel::from_shared(env.coordinator.clone())?.connect_timeout(Duration::from_secs(5)).connect_lazy();
+        let channel = Channel::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(5)).connect_lazy();
         Ok(RankClient { env, runtime, client: RendezvousClient::new(channel) })
     }
 
@@ -130,6 +145,45 @@ impl RankClient {
     }
 }
 
+/// A rank's line to its peers and to whoever collects results.
+pub enum RankLink {
+    Coordinator(RankClient),
+    /// Results go to stdout as one `qcluster-results {json}` line (no coordinator to report to).
+    Store { client: crate::tcp_store::StoreClient, prefix: String, rank: u32, world: u32 },
+}
+
+impl RankLink {
+    pub fn connect(env: &RankEnv) -> anyhow::Result<RankLink> {
+        Ok(match &env.meeting {
+            Meeting::Coordinator(url) => RankLink::Coordinator(RankClient::connect(env.clone(), url)?),
+            Meeting::TcpStore(addr) => RankLink::Store {
+                client: crate::tcp_store::StoreClient::connect(addr, Duration::from_secs(300))?,
+                prefix: format!("{}/{}", env.job_id, env.attempt),
+                rank: env.rank,
+                world: env.world_size,
+            },
+        })
+    }
+
+    pub fn join(&mut self, address: String, timeout: Duration) -> anyhow::Result<Vec<String>> {
+        match self {
+            RankLink::Coordinator(c) => c.join(address, timeout),
+            RankLink::Store { client, prefix, rank, world } => Ok(client.join(prefix, *rank, *world, &address, timeout)?),
+        }
+    }
+
+    pub fn report(&mut self, progress: Option<pb::Progress>, results: HashMap<String, String>) -> anyhow::Result<()> {
+        match self {
+            RankLink::Coordinator(c) => c.report(progress, results),
+            RankLink::Store { .. } => {
+                let results: std::collections::BTreeMap<_, _> = results.into_iter().collect();
+                println!("qcluster-results {}", serde_json::to_string(&results)?);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Runs this rank; the process exits 0 on success.
 pub fn rank_main() -> anyhow::Result<()> {
     let env = RankEnv::from_env()?;
@@ -152,7 +206,7 @@ fn run_comm_check(env: RankEnv, spec: &JobSpec) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot open a listener for peers: {e}"))?;
     let address = format!("{}:{}", env.node_address, listener.local_addr()?.port());
     let rank = env.rank as usize;
-    let mut client = RankClient::connect(env)?;
+    let mut client = RankLink::connect(&env)?;
     let addresses = client.join(address, Duration::from_secs(300))?;
     let comm = qparallel::comm::CpuCommunicator::connect_tcp(rank, listener, &addresses, Duration::from_secs(120))?;
     let report = qparallel::comm_check::run_comm_check(&comm, spec.comm_check.bytes as usize, spec.comm_check.iters as usize)?;
