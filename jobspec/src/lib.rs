@@ -7,6 +7,16 @@
 //! Keys follow ms-swift / Megatron-SWIFT names where those exist; the Megatron long names of the
 //! parallel block (`tensor_model_parallel_size` …) are accepted as aliases.
 //!
+//! Training kinds (`pretrain` runs today) read flat training keys at the top level: `model` (an HF directory)
+//! or `init: random` + `model_config`, `dataset` (one path or a list), `output_dir`, `max_length`
+//! (`seq_length`), `micro_batch_size` (`per_device_train_batch_size`), `global_batch_size`, `learning_rate`
+//! (`lr`), `min_lr`, `lr_warmup_iters` (`warmup_steps`) or `warmup_ratio` (`lr_warmup_fraction`),
+//! `lr_decay_style` (`constant` | `linear` | `cosine`), `lr_decay_iters`, `weight_decay`, `adam_beta1`,
+//! `adam_beta2`, `adam_eps` (`adam_epsilon`), `clip_grad` (`max_grad_norm`), `train_iters` (`max_steps`),
+//! `save_steps`, `logging_steps`, `seed`, `gradient_checkpointing`, `resume` (`auto` | `none` | a path).
+//! [`JobSpec::training`] returns them resolved, with defaults and the derived gradient-accumulation count
+//! `global_batch_size / (micro_batch_size × dp)`. Other kinds refuse training keys.
+//!
 //! Invariants of a [`JobSpec`] returned by [`JobSpec::parse`]:
 //! - `resources.nodes ≥ 1`, and the world size is a positive multiple of `nodes`;
 //! - with GPUs, one rank per GPU: world size = `nodes × gpus_per_node`;
@@ -45,7 +55,12 @@ impl JobKind {
 
     /// Kinds this build can run on the cluster.
     pub fn is_runnable(self) -> bool {
-        matches!(self, JobKind::CommCheck)
+        matches!(self, JobKind::CommCheck | JobKind::Pretrain)
+    }
+
+    /// Kinds that train a model and so read the training keys ([`JobSpec::training`]).
+    pub fn is_training(self) -> bool {
+        matches!(self, JobKind::Pretrain | JobKind::Sft | JobKind::Dpo | JobKind::Grpo)
     }
 }
 
@@ -156,6 +171,205 @@ pub struct JobSpec {
     /// Environment variables for the rank processes (names must be valid identifiers).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+
+    // ---- Training keys (flat, ms-swift / Megatron-SWIFT names). Only training kinds may set them; see
+    // ---- [`JobSpec::training`] for the defaults and the resolved values.
+    /// HF model directory (`config.json` + safetensors + tokenizer files) to start from.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "model_id_or_path", alias = "load")]
+    pub model: Option<String>,
+    /// `pretrained` (load `model`, the default) or `random` (initialise from `model_config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<ModelInit>,
+    /// HF `config.json` for `init: random` (defaults to `<model>/config.json` when `model` is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_config: Option<String>,
+    /// JSONL file(s): `{"text": …}` or `{"input_ids": […]}` per line (pretrain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "one_or_many")]
+    pub dataset: Vec<String>,
+    /// Where checkpoints and `metrics.jsonl` go (default `output/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "save")]
+    pub output_dir: Option<String>,
+    /// Tokens per training sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "seq_length")]
+    pub max_length: Option<u32>,
+    /// Sequences per micro-batch per data-parallel rank.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "per_device_train_batch_size")]
+    pub micro_batch_size: Option<u32>,
+    /// Sequences per optimizer step over all data-parallel ranks; a multiple of `micro_batch_size × dp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "lr")]
+    pub learning_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "warmup_steps")]
+    pub lr_warmup_iters: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "lr_warmup_fraction")]
+    pub warmup_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "lr_scheduler_type")]
+    pub lr_decay_style: Option<LrDecayStyle>,
+    /// Iterations over which the learning rate decays (default `train_iters`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_decay_iters: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adam_beta1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adam_beta2: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "adam_epsilon")]
+    pub adam_eps: Option<f64>,
+    /// Global gradient-norm clipping threshold; 0 turns clipping off.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "max_grad_norm")]
+    pub clip_grad: Option<f64>,
+    /// Optimizer steps to train for.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "max_steps")]
+    pub train_iters: Option<u64>,
+    /// Save a checkpoint every this many steps (and always after the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "save_interval")]
+    pub save_steps: Option<u64>,
+    /// Write a metrics line every this many steps.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "log_interval")]
+    pub logging_steps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Recompute each layer's activations in backward instead of keeping them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
+    /// `auto` (newest complete checkpoint in `output_dir`, else start fresh), `none`, or a checkpoint path.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "resume_from_checkpoint")]
+    pub resume: Option<Resume>,
+}
+
+/// How a training job gets its initial weights (`init:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelInit {
+    /// Load the weights of `model` (an HF directory).
+    Pretrained,
+    /// Random weights for the architecture in `model_config`, from `seed`.
+    Random,
+}
+
+/// Learning-rate decay after warmup (`lr_decay_style:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecayStyle {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// `resume:` — where a training run starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest complete checkpoint in `output_dir`, or from scratch when there is none.
+    Auto,
+    /// Always from scratch (refused when `output_dir` already holds checkpoints).
+    None,
+    /// This checkpoint directory.
+    Path(String),
+}
+
+impl Serialize for Resume {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Resume::Auto => s.serialize_str("auto"),
+            Resume::None => s.serialize_str("none"),
+            Resume::Path(p) => s.serialize_str(p),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Resume {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Text(String),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Flag(true) => Resume::Auto,
+            Raw::Flag(false) => Resume::None,
+            Raw::Text(t) => match t.as_str() {
+                "auto" | "true" => Resume::Auto,
+                "none" | "false" | "" => Resume::None,
+                _ => Resume::Path(t),
+            },
+        })
+    }
+}
+
+/// `dataset: a.jsonl` or `dataset: [a.jsonl, b.jsonl]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) => vec![s],
+        Raw::Many(v) => v,
+    })
+}
+
+/// Where the initial weights of a training run come from (resolved from `model`, `init`, `model_config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// An HF directory with `config.json`, safetensors and (for text data) `tokenizer.json`.
+    Pretrained { dir: String },
+    /// Random init of the architecture in `config` (an HF `config.json`). `dir` is `model` when given, used for
+    /// the tokenizer files; otherwise the directory of `config`.
+    Random { config: String, dir: Option<String> },
+}
+
+/// The training keys of a job with every default filled in and every derived value computed
+/// ([`JobSpec::training`]). Invariants: `global_batch_size = micro_batch_size × dp × grad_accum`,
+/// all counts ≥ 1, `min_lr ≤ learning_rate`, at most one of `lr_warmup_iters` / `warmup_ratio`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingSettings {
+    pub model: ModelSource,
+    pub dataset: Vec<String>,
+    pub output_dir: String,
+    pub max_length: u32,
+    pub micro_batch_size: u32,
+    pub global_batch_size: u32,
+    /// Micro-batches per optimizer step on each data-parallel rank.
+    pub grad_accum: u32,
+    pub learning_rate: f64,
+    pub min_lr: f64,
+    pub lr_warmup_iters: Option<u64>,
+    pub warmup_ratio: Option<f64>,
+    pub lr_decay_style: LrDecayStyle,
+    pub lr_decay_iters: u64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// 0 = no clipping.
+    pub clip_grad: f64,
+    pub train_iters: u64,
+    pub save_steps: u64,
+    pub logging_steps: u64,
+    pub seed: u64,
+    pub gradient_checkpointing: bool,
+    pub resume: Resume,
+}
+
+/// Defaults of the training keys (ms-swift's Megatron defaults where they exist).
+pub mod training_defaults {
+    pub const MAX_LENGTH: u32 = 2048;
+    pub const MICRO_BATCH_SIZE: u32 = 1;
+    pub const LEARNING_RATE: f64 = 1e-5;
+    pub const WEIGHT_DECAY: f64 = 0.1;
+    pub const ADAM_BETA1: f64 = 0.9;
+    pub const ADAM_BETA2: f64 = 0.95;
+    pub const ADAM_EPS: f64 = 1e-8;
+    pub const CLIP_GRAD: f64 = 1.0;
+    pub const LOGGING_STEPS: u64 = 5;
+    pub const SEED: u64 = 42;
 }
 
 /// Why a job spec was refused. Every variant names the source (a file name or "<request>").
@@ -176,6 +390,24 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
 }
 
 impl JobSpec {
+    /// Makes the relative file paths of the training keys (`model`, `model_config`, `dataset`,
+    /// `output_dir`, a `resume` path) absolute against `base`: `qctl submit` resolves them against the
+    /// directory it runs in, as `qctl train --local` does, because the ranks run elsewhere.
+    pub fn resolve_relative_paths(&mut self, base: &std::path::Path) {
+        let resolve = |p: &mut String| {
+            if !p.is_empty() && std::path::Path::new(p.as_str()).is_relative() {
+                *p = base.join(p.as_str()).display().to_string();
+            }
+        };
+        self.model.iter_mut().for_each(resolve);
+        self.model_config.iter_mut().for_each(resolve);
+        self.dataset.iter_mut().for_each(resolve);
+        self.output_dir.iter_mut().for_each(resolve);
+        if let Some(Resume::Path(p)) = &mut self.resume {
+            resolve(p);
+        }
+    }
+
     /// Parses and validates YAML text. `source_name` (a file path, or "<request>") appears in errors.
     pub fn parse(yaml: &str, source_name: &str) -> Result<JobSpec, JobSpecError> {
         let spec: JobSpec = serde_norway::from_str(yaml).map_err(|e| {
@@ -213,6 +445,205 @@ impl JobSpec {
         self.world_size() / (p.tp * p.pp * p.cp)
     }
 
+    /// The training keys with defaults filled in, for training kinds (`None` for other kinds). A spec returned
+    /// by [`JobSpec::parse`] has passed the same checks, so this only fails for hand-built specs.
+    pub fn training(&self) -> Option<TrainingSettings> {
+        self.kind.is_training().then(|| self.resolve_training("<spec>").ok()).flatten()
+    }
+
+    /// Names of the training keys that are set (for refusing them on kinds that do not train).
+    fn training_keys_set(&self) -> Vec<&'static str> {
+        let set = [
+            ("model", self.model.is_some()),
+            ("init", self.init.is_some()),
+            ("model_config", self.model_config.is_some()),
+            ("dataset", !self.dataset.is_empty()),
+            ("output_dir", self.output_dir.is_some()),
+            ("max_length", self.max_length.is_some()),
+            ("micro_batch_size", self.micro_batch_size.is_some()),
+            ("global_batch_size", self.global_batch_size.is_some()),
+            ("learning_rate", self.learning_rate.is_some()),
+            ("min_lr", self.min_lr.is_some()),
+            ("lr_warmup_iters", self.lr_warmup_iters.is_some()),
+            ("warmup_ratio", self.warmup_ratio.is_some()),
+            ("lr_decay_style", self.lr_decay_style.is_some()),
+            ("lr_decay_iters", self.lr_decay_iters.is_some()),
+            ("weight_decay", self.weight_decay.is_some()),
+            ("adam_beta1", self.adam_beta1.is_some()),
+            ("adam_beta2", self.adam_beta2.is_some()),
+            ("adam_eps", self.adam_eps.is_some()),
+            ("clip_grad", self.clip_grad.is_some()),
+            ("train_iters", self.train_iters.is_some()),
+            ("save_steps", self.save_steps.is_some()),
+            ("logging_steps", self.logging_steps.is_some()),
+            ("seed", self.seed.is_some()),
+            ("gradient_checkpointing", self.gradient_checkpointing.is_some()),
+            ("resume", self.resume.is_some()),
+        ];
+        set.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect()
+    }
+
+    fn validate_training(&self, source_name: &str) -> Result<(), JobSpecError> {
+        if self.kind.is_training() {
+            return self.resolve_training(source_name).map(|_| ());
+        }
+        if let Some(key) = self.training_keys_set().first() {
+            return Err(JobSpecError::Invalid {
+                source_name: source_name.to_string(),
+                key: key.to_string(),
+                message: format!("is a training key; kind `{}` does not train", self.kind),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the training keys and fills in defaults (see [`TrainingSettings`]).
+    fn resolve_training(&self, source_name: &str) -> Result<TrainingSettings, JobSpecError> {
+        use training_defaults as d;
+        let invalid = |key: &str, message: String| JobSpecError::Invalid {
+            source_name: source_name.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let model = match (self.init.unwrap_or(ModelInit::Pretrained), &self.model, &self.model_config) {
+            (ModelInit::Pretrained, Some(dir), None) if !dir.is_empty() => ModelSource::Pretrained { dir: dir.clone() },
+            (ModelInit::Pretrained, _, Some(_)) => {
+                return Err(invalid("model_config", "is only read with `init: random`".into()));
+            }
+            (ModelInit::Pretrained, _, None) => {
+                return Err(invalid(
+                    "model",
+                    "missing: give an HF model directory, or `init: random` with `model_config`".into(),
+                ));
+            }
+            (ModelInit::Random, dir, Some(config)) if !config.is_empty() => {
+                ModelSource::Random { config: config.clone(), dir: dir.clone() }
+            }
+            (ModelInit::Random, Some(dir), None) if !dir.is_empty() => ModelSource::Random {
+                config: format!("{}/config.json", dir.trim_end_matches('/')),
+                dir: Some(dir.clone()),
+            },
+            (ModelInit::Random, _, _) => {
+                return Err(invalid("model_config", "missing: `init: random` needs an HF config.json path".into()));
+            }
+        };
+        if self.dataset.is_empty() || self.dataset.iter().any(|p| p.is_empty()) {
+            return Err(invalid("dataset", "missing: give one or more JSONL files".into()));
+        }
+        let positive_u32 = |key: &str, v: Option<u32>, default: u32| match v {
+            Some(0) => Err(invalid(key, "must be at least 1".into())),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let max_length = positive_u32("max_length", self.max_length, d::MAX_LENGTH)?;
+        if max_length < 2 {
+            return Err(invalid("max_length", "must be at least 2 (a sequence predicts its next tokens)".into()));
+        }
+        let micro = positive_u32("micro_batch_size", self.micro_batch_size, d::MICRO_BATCH_SIZE)?;
+        let dp = self.data_parallel().max(1);
+        let global = positive_u32("global_batch_size", self.global_batch_size, micro * dp)?;
+        if !global.is_multiple_of(micro * dp) {
+            return Err(invalid(
+                "global_batch_size",
+                format!(
+                    "{global} is not a multiple of micro_batch_size ({micro}) × data-parallel size ({dp}) = {}",
+                    micro * dp
+                ),
+            ));
+        }
+        let train_iters = match self.train_iters {
+            None => return Err(invalid("train_iters", "missing: how many optimizer steps to train".into())),
+            Some(0) => return Err(invalid("train_iters", "must be at least 1".into())),
+            Some(n) => n,
+        };
+        let finite_nonneg = |key: &str, v: Option<f64>, default: f64| match v {
+            Some(x) if !(x.is_finite() && x >= 0.0) => {
+                Err(invalid(key, format!("must be a finite number >= 0, got {x}")))
+            }
+            Some(x) => Ok(x),
+            None => Ok(default),
+        };
+        let learning_rate = finite_nonneg("learning_rate", self.learning_rate, d::LEARNING_RATE)?;
+        let min_lr = finite_nonneg("min_lr", self.min_lr, 0.0)?;
+        if min_lr > learning_rate {
+            return Err(invalid("min_lr", format!("{min_lr} exceeds learning_rate {learning_rate}")));
+        }
+        let weight_decay = finite_nonneg("weight_decay", self.weight_decay, d::WEIGHT_DECAY)?;
+        let adam_eps = finite_nonneg("adam_eps", self.adam_eps, d::ADAM_EPS)?;
+        let clip_grad = finite_nonneg("clip_grad", self.clip_grad, d::CLIP_GRAD)?;
+        let beta = |key: &str, v: Option<f64>, default: f64| match v {
+            Some(b) if !(0.0..1.0).contains(&b) => Err(invalid(key, format!("must be in [0, 1), got {b}"))),
+            Some(b) => Ok(b),
+            None => Ok(default),
+        };
+        let adam_beta1 = beta("adam_beta1", self.adam_beta1, d::ADAM_BETA1)?;
+        let adam_beta2 = beta("adam_beta2", self.adam_beta2, d::ADAM_BETA2)?;
+        let lr_decay_iters = match self.lr_decay_iters {
+            Some(0) => return Err(invalid("lr_decay_iters", "must be at least 1".into())),
+            Some(n) => n,
+            None => train_iters,
+        };
+        if self.lr_warmup_iters.is_some() && self.warmup_ratio.is_some() {
+            return Err(invalid("warmup_ratio", "give either lr_warmup_iters or warmup_ratio, not both".into()));
+        }
+        if let Some(w) = self.lr_warmup_iters
+            && w > lr_decay_iters
+        {
+            return Err(invalid("lr_warmup_iters", format!("{w} exceeds lr_decay_iters {lr_decay_iters}")));
+        }
+        if let Some(r) = self.warmup_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(invalid("warmup_ratio", format!("must be in [0, 1], got {r}")));
+        }
+        let save_steps = match self.save_steps {
+            Some(0) => return Err(invalid("save_steps", "must be at least 1".into())),
+            Some(n) => n,
+            None => train_iters,
+        };
+        let logging_steps = match self.logging_steps {
+            Some(0) => return Err(invalid("logging_steps", "must be at least 1".into())),
+            Some(n) => n,
+            None => d::LOGGING_STEPS,
+        };
+        if let Some(Resume::Path(p)) = &self.resume
+            && p.trim().is_empty()
+        {
+            return Err(invalid("resume", "must be auto, none or a checkpoint directory".into()));
+        }
+        if let Some(o) = &self.output_dir
+            && o.is_empty()
+        {
+            return Err(invalid("output_dir", "must not be empty".into()));
+        }
+        Ok(TrainingSettings {
+            model,
+            dataset: self.dataset.clone(),
+            output_dir: self.output_dir.clone().unwrap_or_else(|| format!("output/{}", self.name)),
+            max_length,
+            micro_batch_size: micro,
+            global_batch_size: global,
+            grad_accum: global / (micro * dp),
+            learning_rate,
+            min_lr,
+            lr_warmup_iters: self.lr_warmup_iters,
+            warmup_ratio: self.warmup_ratio,
+            lr_decay_style: self.lr_decay_style.unwrap_or(LrDecayStyle::Cosine),
+            lr_decay_iters,
+            weight_decay,
+            adam_beta1,
+            adam_beta2,
+            adam_eps,
+            clip_grad,
+            train_iters,
+            save_steps,
+            logging_steps,
+            seed: self.seed.unwrap_or(d::SEED),
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
+            resume: self.resume.clone().unwrap_or(Resume::Auto),
+        })
+    }
+
     fn validate(&self, source_name: &str) -> Result<(), JobSpecError> {
         let invalid = |key: &str, message: String| JobSpecError::Invalid {
             source_name: source_name.to_string(),
@@ -231,7 +662,7 @@ impl JobSpec {
         if !self.kind.is_runnable() {
             return Err(invalid(
                 "kind",
-                format!("kind `{}` is not supported by this build yet (supported: comm-check)", self.kind),
+                format!("kind `{}` is not supported by this build yet (supported: comm-check, pretrain)", self.kind),
             ));
         }
         if self.max_restarts > 100 {
@@ -304,7 +735,10 @@ impl JobSpec {
             return Err(invalid("parallel.sp", "sequence parallelism needs tp > 1".into()));
         }
         if !(0.0..=86_400.0).contains(&self.comm_check.hold_s) {
-            return Err(invalid("comm_check.hold_s", format!("{} is not between 0 and 86400 seconds", self.comm_check.hold_s)));
+            return Err(invalid(
+                "comm_check.hold_s",
+                format!("{} is not between 0 and 86400 seconds", self.comm_check.hold_s),
+            ));
         }
         if self.comm_check.iters == 0 || self.comm_check.bytes < 4 || self.comm_check.bytes > (1 << 34) {
             return Err(invalid(
@@ -326,7 +760,7 @@ impl JobSpec {
                 ));
             }
         }
-        Ok(())
+        self.validate_training(source_name)
     }
 }
 
@@ -356,6 +790,19 @@ resources: {nodes: 2, gpus_per_node: 0, ranks: 4}\nparallel: {tp: 2}\ncomm_check
         assert_eq!(s.data_parallel(), 2);
         assert_eq!(s.priority, 3);
         assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s);
+    }
+
+    #[test]
+    fn relative_training_paths_resolve_against_a_base() {
+        let y = "name: pt\nkind: pretrain\nresources: {ranks: 1}\ninit: random\nmodel_config: c/m.json\n\
+dataset: [d.jsonl, /abs/e.jsonl]\noutput_dir: out\nresume: ckpt/checkpoint-4\ntrain_iters: 3\n";
+        let mut s = JobSpec::parse(y, "j.yaml").unwrap();
+        s.resolve_relative_paths(std::path::Path::new("/work"));
+        assert_eq!(s.model_config.as_deref(), Some("/work/c/m.json"));
+        assert_eq!(s.dataset, vec!["/work/d.jsonl", "/abs/e.jsonl"]);
+        assert_eq!(s.output_dir.as_deref(), Some("/work/out"));
+        assert_eq!(s.resume, Some(Resume::Path("/work/ckpt/checkpoint-4".into())));
+        assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s, "still a valid spec");
     }
 
     #[test]
@@ -422,5 +869,90 @@ resources: {nodes: 2, gpus_per_node: 0, ranks: 4}\nparallel: {tp: 2}\ncomm_check
         assert!(e.contains("env.QCLUSTER_RANK"), "{e}");
         let e = JobSpec::parse("name: a\nkind: train\n", "j").unwrap_err().to_string();
         assert!(e.contains("j:2"), "{e}");
+    }
+
+    const PRETRAIN: &str =
+        "name: pt\nkind: pretrain\nresources: {ranks: 1}\nmodel: /m/qwen3\ndataset: /d/a.jsonl\ntrain_iters: 10\n";
+
+    #[test]
+    fn pretrain_defaults_resolve() {
+        let s = JobSpec::parse(PRETRAIN, "pt.yaml").unwrap();
+        assert!(s.kind.is_runnable());
+        let t = s.training().unwrap();
+        assert_eq!(t.model, ModelSource::Pretrained { dir: "/m/qwen3".into() });
+        assert_eq!(t.dataset, vec!["/d/a.jsonl".to_string()]);
+        assert_eq!(t.output_dir, "output/pt");
+        assert_eq!((t.max_length, t.micro_batch_size, t.global_batch_size, t.grad_accum), (2048, 1, 1, 1));
+        assert_eq!((t.learning_rate, t.min_lr, t.weight_decay, t.clip_grad), (1e-5, 0.0, 0.1, 1.0));
+        assert_eq!((t.adam_beta1, t.adam_beta2, t.adam_eps), (0.9, 0.95, 1e-8));
+        assert_eq!((t.train_iters, t.lr_decay_iters, t.save_steps, t.logging_steps), (10, 10, 10, 5));
+        assert_eq!((t.lr_decay_style, t.seed, t.gradient_checkpointing), (LrDecayStyle::Cosine, 42, false));
+        assert_eq!(t.resume, Resume::Auto);
+        assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s);
+    }
+
+    #[test]
+    fn training_keys_and_aliases() {
+        let y = "name: pt\nkind: pretrain\nresources: {ranks: 2}\ninit: random\nmodel_config: cfg/tiny.json\n\
+dataset: [a.jsonl, b.jsonl]\noutput_dir: out\nseq_length: 64\nper_device_train_batch_size: 2\nglobal_batch_size: 12\n\
+lr: 3.0e-4\nmin_lr: 3.0e-5\nwarmup_ratio: 0.1\nlr_decay_style: linear\nweight_decay: 0.01\nadam_beta1: 0.8\n\
+adam_beta2: 0.99\nadam_epsilon: 1.0e-6\nmax_grad_norm: 0.5\nmax_steps: 100\nsave_steps: 25\nlogging_steps: 1\n\
+seed: 7\ngradient_checkpointing: true\nresume: out/checkpoint-25\n";
+        let s = JobSpec::parse(y, "pt.yaml").unwrap();
+        let t = s.training().unwrap();
+        assert_eq!(t.model, ModelSource::Random { config: "cfg/tiny.json".into(), dir: None });
+        assert_eq!(t.dataset.len(), 2);
+        assert_eq!((t.max_length, t.micro_batch_size, t.global_batch_size), (64, 2, 12));
+        assert_eq!(t.grad_accum, 3, "12 / (2 micro × 2 dp)");
+        assert_eq!((t.learning_rate, t.min_lr, t.warmup_ratio, t.lr_warmup_iters), (3e-4, 3e-5, Some(0.1), None));
+        assert_eq!(
+            (t.lr_decay_style, t.weight_decay, t.adam_beta1, t.adam_beta2),
+            (LrDecayStyle::Linear, 0.01, 0.8, 0.99)
+        );
+        assert_eq!((t.adam_eps, t.clip_grad, t.train_iters, t.save_steps, t.logging_steps), (1e-6, 0.5, 100, 25, 1));
+        assert_eq!((t.seed, t.gradient_checkpointing), (7, true));
+        assert_eq!(t.resume, Resume::Path("out/checkpoint-25".into()));
+        assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s);
+        let s = JobSpec::parse(&format!("{PRETRAIN}resume: none\ninit: random\n"), "p").unwrap();
+        let t = s.training().unwrap();
+        assert_eq!(t.resume, Resume::None);
+        assert_eq!(
+            t.model,
+            ModelSource::Random { config: "/m/qwen3/config.json".into(), dir: Some("/m/qwen3".into()) }
+        );
+    }
+
+    #[test]
+    fn bad_training_keys_name_the_key() {
+        let base = "name: pt\nkind: pretrain\nresources: {ranks: 2}\n";
+        let ok = "model: m\ndataset: d.jsonl\ntrain_iters: 5\n";
+        let cases = [
+            ("dataset: d.jsonl\ntrain_iters: 5\n", "model"),
+            ("model: m\ntrain_iters: 5\n", "dataset"),
+            ("model: m\ndataset: d.jsonl\n", "train_iters"),
+            ("init: random\ndataset: d.jsonl\ntrain_iters: 5\n", "model_config"),
+            ("model_config: c.json\nmodel: m\ndataset: d.jsonl\ntrain_iters: 5\n", "model_config"),
+            (&format!("{ok}micro_batch_size: 2\nglobal_batch_size: 6\n"), "global_batch_size"),
+            (&format!("{ok}learning_rate: -1\n"), "learning_rate"),
+            (&format!("{ok}lr: 1.0e-4\nmin_lr: 1.0e-3\n"), "min_lr"),
+            (&format!("{ok}adam_beta2: 1.0\n"), "adam_beta2"),
+            (&format!("{ok}lr_warmup_iters: 2\nwarmup_ratio: 0.1\n"), "warmup_ratio"),
+            (&format!("{ok}lr_warmup_iters: 6\n"), "lr_warmup_iters"),
+            (&format!("{ok}max_length: 0\n"), "max_length"),
+            (&format!("{ok}save_steps: 0\n"), "save_steps"),
+        ];
+        for (yaml, key) in cases {
+            let y = format!("{base}{yaml}");
+            match JobSpec::parse(&y, "pt.yaml").unwrap_err() {
+                JobSpecError::Invalid { key: k, source_name, .. } => {
+                    assert_eq!((k.as_str(), source_name.as_str()), (key, "pt.yaml"), "{yaml}")
+                }
+                other => panic!("{yaml}: {other:?}"),
+            }
+        }
+        let e = JobSpec::parse(&format!("{base}{ok}lr_decay_style: wsd\n"), "pt.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("pt.yaml:7:") && e.contains("wsd"), "{e}");
+        let e = JobSpec::parse("name: a\nkind: comm-check\nresources: {ranks: 1}\nlr: 0.1\n", "j").unwrap_err();
+        assert!(matches!(&e, JobSpecError::Invalid { key, .. } if key == "learning_rate"), "{e}");
     }
 }

@@ -5,7 +5,9 @@
 
 pub mod comm;
 pub mod comm_check;
+pub mod data;
 pub mod dims;
 pub mod hf;
 pub mod model;
 pub mod optim;
+pub mod train;

@@ -25,8 +25,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Submit a job spec; prints the job id.
-    Submit { job: PathBuf },
+    /// Submit a job spec; prints the job id. With --follow: streams its logs, prints its final status
+    /// and exits 0 only if it succeeded.
+    Submit {
+        job: PathBuf,
+        #[arg(long)]
+        follow: bool,
+    },
     /// Show one job: state, attempt, placement, progress, results, events.
     Status { job_id: String },
     /// List jobs (optionally only some states, e.g. --state Running).
@@ -45,7 +50,13 @@ enum Command {
     /// Cancel a job (its ranks get SIGTERM, then SIGKILL after the grace period).
     Cancel { job_id: String },
     /// List the nodes and what runs on them.
-    Nodes,
+    Nodes {
+        /// First wait until at least this many nodes are alive (gives up after --timeout seconds).
+        #[arg(long)]
+        wait_alive: Option<usize>,
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
     /// Run a coordinator and this machine's worker in one process (the embedded default).
     Up(UpArgs),
     /// Train in this process (`--local`).
@@ -108,14 +119,26 @@ fn main() -> anyhow::Result<()> {
         if let Command::Up(args) = cli.command {
             return up(args, out).await;
         }
-        let mut client = remote::connect(&cli.coordinator).await?;
+        // `nodes --wait-alive` may be started before the coordinator (launch scripts): keep trying.
+        let mut client = match &cli.command {
+            Command::Nodes { wait_alive: Some(_), timeout } => {
+                remote::connect_retrying(&cli.coordinator, Duration::from_secs_f64(*timeout)).await?
+            }
+            _ => remote::connect(&cli.coordinator).await?,
+        };
         match cli.command {
-            Command::Submit { job } => remote::submit(&mut client, &job, out).await.map(|_| ()),
+            Command::Submit { job, follow: false } => remote::submit(&mut client, &job, out).await.map(|_| ()),
+            Command::Submit { job, follow: true } => follow_job(&mut client, &job, out).await,
             Command::Status { job_id } => remote::status(&mut client, &job_id, out).await.map(|_| ()),
             Command::List { states } => remote::list(&mut client, states, out).await,
             Command::Logs { job_id, follow, rank } => remote::logs(&mut client, &job_id, follow, rank, out).await,
             Command::Cancel { job_id } => remote::cancel(&mut client, &job_id, out).await,
-            Command::Nodes => remote::nodes(&mut client, out).await,
+            Command::Nodes { wait_alive, timeout } => {
+                if let Some(n) = wait_alive {
+                    remote::wait_alive(&mut client, n, Duration::from_secs_f64(timeout)).await?;
+                }
+                remote::nodes(&mut client, out).await
+            }
             Command::Up(_) | Command::Train(_) | Command::Logits(_) | Command::Launch { .. } | Command::Rank => {
                 unreachable!("handled before the runtime starts")
             }
@@ -164,19 +187,22 @@ async fn up(args: UpArgs, out: Output) -> anyhow::Result<()> {
     result
 }
 
-/// Submits a job, follows its logs to the end, prints its status, and fails unless it succeeded.
+/// Waits for the local worker, then runs one job to its end.
 async fn run_one(url: &str, job: &std::path::Path, out: Output) -> anyhow::Result<()> {
     let mut client = remote::connect(url).await?;
-    for _ in 0..100 {
-        let nodes = client.list_nodes(qcluster_proto::v1::ListNodesRequest {}).await?.into_inner().nodes;
-        if nodes.iter().any(|n| n.alive) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let id = remote::submit(&mut client, job, Output::Text).await?;
-    remote::logs(&mut client, &id, true, None, Output::Text).await?;
-    let status = remote::status(&mut client, &id, out).await?;
+    remote::wait_alive(&mut client, 1, Duration::from_secs(30)).await?;
+    follow_job(&mut client, job, out).await
+}
+
+/// Submits a job, follows its logs to the end, prints its status, and fails unless it succeeded.
+async fn follow_job(
+    client: &mut qcluster_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    job: &std::path::Path,
+    out: Output,
+) -> anyhow::Result<()> {
+    let id = remote::submit(client, job, Output::Text).await?;
+    remote::logs(client, &id, true, None, Output::Text).await?;
+    let status = remote::status(client, &id, out).await?;
     anyhow::ensure!(status.state == "Succeeded", "job {id} ended {}: {}", status.state, status.message);
     Ok(())
 }

@@ -22,6 +22,18 @@ pub async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
         .with_context(|| format!("cannot reach the coordinator at {url} (is qcoord or `qctl up` running? set --coordinator or QCTL_COORDINATOR)"))
 }
 
+/// [`connect`], retried until `timeout` passes.
+pub async fn connect_retrying(url: &str, timeout: std::time::Duration) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let start = std::time::Instant::now();
+    loop {
+        match connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() >= timeout => return Err(e),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// A gRPC error as the user should read it.
 pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", s.message())
@@ -29,9 +41,11 @@ pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
 
 pub async fn submit(client: &mut CoordinatorClient<Channel>, path: &Path, out: Output) -> anyhow::Result<String> {
     let yaml = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    // Validate locally first so errors name the file even before the network.
-    qjobspec::JobSpec::parse(&yaml, &path.display().to_string())?;
-    let req = pb::SubmitJobRequest { spec_yaml: yaml, source_name: path.display().to_string() };
+    // Validate locally first so errors name the file and line; then send the spec with its relative
+    // paths made absolute (the ranks do not run in this directory).
+    let mut spec = qjobspec::JobSpec::parse(&yaml, &path.display().to_string())?;
+    spec.resolve_relative_paths(&std::env::current_dir()?);
+    let req = pb::SubmitJobRequest { spec_yaml: spec.to_yaml(), source_name: path.display().to_string() };
     let id = client.submit_job(req).await.map_err(|s| status_error("submit refused", s))?.into_inner().job_id;
     match out {
         Output::Text => println!("{id}"),
@@ -163,6 +177,20 @@ pub async fn nodes(client: &mut CoordinatorClient<Channel>, out: Output) -> anyh
         }
     }
     Ok(())
+}
+
+/// Waits until at least `n` nodes are alive.
+pub async fn wait_alive(client: &mut CoordinatorClient<Channel>, n: usize, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(|s| status_error("nodes", s))?.into_inner().nodes;
+        let alive = nodes.iter().filter(|n| n.alive).count();
+        if alive >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < timeout, "only {alive} of {n} nodes alive after {timeout:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Streams a job's logs. Without `--rank`, lines are prefixed with `[rN]` (and the attempt when the

@@ -208,3 +208,46 @@ async fn two_hundred_concurrent_submissions_all_finish_once() {
     assert_eq!(listed, ids, "every job listed exactly once");
     c.shutdown().await;
 }
+
+/// A corpus of token-id lines for the tiny config (vocab 256): a few repeated patterns to learn.
+fn write_token_corpus(path: &std::path::Path) {
+    let mut lines = String::new();
+    for i in 0..64u32 {
+        let ids: Vec<u32> = (0..40).map(|j| (i * 7 + j * (1 + i % 3)) % 200 + 10).collect();
+        lines.push_str(&format!("{{\"input_ids\": {ids:?}}}\n"));
+    }
+    std::fs::write(path, lines).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretrain_job_trains_reports_progress_and_checkpoints() {
+    let c = TestCluster::start(1, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tokens.jsonl");
+    write_token_corpus(&data);
+    let out = dir.path().join("out");
+    let model_config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/models/qwen3-tiny.json");
+    let yaml = format!(
+        "name: tiny-pt\nkind: pretrain\nresources: {{ranks: 1}}\ninit: random\nmodel_config: {model_config}\n\
+dataset: {}\noutput_dir: {}\nmax_length: 32\nmicro_batch_size: 2\nglobal_batch_size: 4\nlearning_rate: 3e-3\n\
+train_iters: 12\nsave_steps: 6\nlogging_steps: 3\n",
+        data.display(),
+        out.display()
+    );
+    let id = c.submit(&yaml).await.unwrap();
+    let s = c.wait_job(&id, T, |s| s.state == "Succeeded" || s.state == "Failed").await.unwrap();
+    assert_eq!(s.state, "Succeeded", "{s:#?}\n{}", c.logs(&id).await.unwrap());
+    let p = s.progress.unwrap();
+    assert_eq!((p.step, p.total_steps), (12, 12));
+    assert!(p.loss.is_finite() && p.loss > 0.0);
+    assert_eq!(s.results["final_step"], "12");
+    let last = out.join("checkpoint-12");
+    assert_eq!(s.results["last_checkpoint"], last.display().to_string());
+    assert!(last.join("model.safetensors").exists() && last.join("config.json").exists());
+    assert!(s.events.iter().any(|e| e.text.contains("checkpoint step 6 committed")), "{:#?}", s.events);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "steps 3, 6, 9, 12: {metrics}");
+    let logs = c.logs(&id).await.unwrap();
+    assert!(logs.contains("step 12/12 loss"), "{logs}");
+    c.shutdown().await;
+}

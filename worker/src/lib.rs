@@ -6,6 +6,7 @@
 //! - [`launch`]: rank processes (process groups, death signal, pid files, output pumps, stop).
 //! - [`gpus`]: GPU discovery through the CUDA driver (0 without one).
 //! - [`rank`]: the entry point that runs inside each rank process.
+//! - [`training`]: job spec → engine training config, and the rank-side training runner.
 //! - [`launcher`] + [`tcp_store`]: launches without a coordinator (torchrun/Slurm/DLC style).
 
 pub mod daemon;
@@ -14,5 +15,6 @@ pub mod launch;
 pub mod launcher;
 pub mod rank;
 pub mod tcp_store;
+pub mod training;
 
 pub use daemon::{GpuSetting, WorkerConfig, WorkerHandle, start};

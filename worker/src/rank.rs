@@ -129,14 +129,24 @@ impl RankClient {
 
     /// Reports progress/results (retried through a coordinator restart for up to a minute).
     pub fn report(&mut self, progress: Option<pb::Progress>, results: HashMap<String, String>) -> anyhow::Result<()> {
+        self.report_with_checkpoint(progress, results, None)
+    }
+
+    /// [`RankClient::report`] plus, optionally, a committed checkpoint `(step, dir)`.
+    pub fn report_with_checkpoint(
+        &mut self,
+        progress: Option<pb::Progress>,
+        results: HashMap<String, String>,
+        checkpoint: Option<(u64, &std::path::Path)>,
+    ) -> anyhow::Result<()> {
         let req = pb::ProgressReport {
             job_id: self.env.job_id.clone(),
             attempt: self.env.attempt,
             rank: self.env.rank,
             progress,
             results,
-            checkpoint_committed: String::new(),
-            checkpoint_step: 0,
+            checkpoint_committed: checkpoint.map(|(_, d)| d.display().to_string()).unwrap_or_default(),
+            checkpoint_step: checkpoint.map(|(s, _)| s).unwrap_or(0),
         };
         self.retrying("progress report", Duration::from_secs(60), move |mut c| {
             let req = req.clone();
@@ -172,6 +182,14 @@ impl RankLink {
         }
     }
 
+    /// Reports a committed checkpoint (the coordinator resumes restarted attempts from the newest).
+    pub fn report_checkpoint(&mut self, step: u64, dir: &std::path::Path) -> anyhow::Result<()> {
+        match self {
+            RankLink::Coordinator(c) => c.report_with_checkpoint(None, HashMap::new(), Some((step, dir))),
+            RankLink::Store { .. } => Ok(()),
+        }
+    }
+
     pub fn report(&mut self, progress: Option<pb::Progress>, results: HashMap<String, String>) -> anyhow::Result<()> {
         match self {
             RankLink::Coordinator(c) => c.report(progress, results),
@@ -196,6 +214,10 @@ pub fn rank_main() -> anyhow::Result<()> {
     );
     match spec.kind {
         JobKind::CommCheck => run_comm_check(env, &spec),
+        JobKind::Pretrain => {
+            let mut link = RankLink::connect(&env)?;
+            crate::training::run_rank_training(&env, &spec, &mut link)
+        }
         other => anyhow::bail!("job kind `{other}` cannot run in a rank process of this build"),
     }
 }

@@ -1,0 +1,343 @@
+//! [`run_training`]: the training loop of one process — data, steps, metrics, checkpoints, resume.
+//!
+//! Per step `s = start+1 ..= train_iters`:
+//! 1. take `grad_accum` micro-batches of `micro_batch_size` sequences from the [`DataLoader`];
+//! 2. [`Trainer::step`];
+//! 3. if `s % logging_steps == 0` or `s == train_iters`: append a [`StepMetrics`] line to
+//!    `<output_dir>/metrics.jsonl`;
+//! 4. if `s % save_steps == 0` or `s == train_iters`: save `checkpoint-<s>` (model, optimizer, data cursor);
+//! 5. tell the [`TrainObserver`], which may stop the run.
+//!
+//! On resume, the lines of `metrics.jsonl` for steps after the checkpoint (written by the interrupted run) are
+//! dropped, so the file describes one consistent history.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use qkernels::Device;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, SaveRequest};
+use super::config::{ModelSource, Resume, TrainConfig};
+use super::trainer::{OptimizerOptions, Trainer};
+use super::{Result, TrainError, io_err};
+use crate::data::{DataCursor, DataLoader, LoadOptions, PretrainDataset};
+use crate::hf;
+use crate::model::{ModelConfig, Qwen3Model};
+use crate::optim::LrSchedule;
+
+/// The metrics file in the output directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Peak dense bf16 FLOP/s of an H100/H200, the MFU denominator (DESIGN §7).
+pub const PEAK_FLOPS: f64 = 989e12;
+
+/// One line of `metrics.jsonl`, and what [`TrainObserver::on_step`] sees after every step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub train_iters: u64,
+    pub loss: f64,
+    pub ce_loss: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens (`batch · seq`) of this step.
+    pub tokens: u64,
+    /// Tokens trained on since the start of the run (including before a resume).
+    pub total_tokens: u64,
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    /// `flops_per_token(max_length) · tokens_per_s / 989e12`.
+    pub mfu: f64,
+    pub skipped: bool,
+}
+
+/// What [`TrainObserver::on_start`] sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunInfo {
+    /// Steps already taken (0, or the resumed checkpoint's step).
+    pub start_step: u64,
+    pub train_iters: u64,
+    pub resumed_from: Option<PathBuf>,
+    pub sequences: usize,
+    pub param_count: u64,
+}
+
+/// Progress hooks (a progress bar, a rank's status reporter). Every method has a no-op default.
+pub trait TrainObserver {
+    fn on_start(&mut self, _info: &RunInfo) {}
+    /// After every step; `Break` stops the run after this step (its checkpoint, if due, is already written).
+    fn on_step(&mut self, _metrics: &StepMetrics) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+    fn on_checkpoint(&mut self, _step: u64, _dir: &Path) {}
+}
+
+/// An observer that does nothing.
+pub struct NoProgress;
+
+impl TrainObserver for NoProgress {}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Steps taken when the run ended.
+    pub final_step: u64,
+    /// The loss of every step run in this process, in order (`(step, loss)`).
+    pub losses: Vec<(u64, f64)>,
+    pub resumed_from: Option<PathBuf>,
+    /// The checkpoints written by this process.
+    pub checkpoints: Vec<PathBuf>,
+    /// The observer stopped the run before `train_iters`.
+    pub stopped_early: bool,
+}
+
+/// Runs (or resumes) the training described by `cfg` on the CPU device, reporting to `observer`.
+pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
+    check_config(cfg)?;
+    let device = Device::Cpu;
+    std::fs::create_dir_all(&cfg.output_dir).map_err(io_err(&cfg.output_dir))?;
+    hf::remove_stale_temp_dirs(&cfg.output_dir)?;
+
+    // Where to start.
+    let resume_dir = match &cfg.resume {
+        Resume::Auto => checkpoint::find_latest_checkpoint(&cfg.output_dir)?,
+        Resume::Path(p) => Some(p.clone()),
+        Resume::None => {
+            if let Some((_, dir)) = checkpoint::list_checkpoints(&cfg.output_dir)?.last() {
+                return Err(TrainError::Invalid {
+                    key: "resume",
+                    reason: format!(
+                        "`none`, but {} already holds {}; use `resume: auto` or another output_dir",
+                        cfg.output_dir.display(),
+                        dir.display()
+                    ),
+                });
+            }
+            None
+        }
+    };
+
+    // Model (and its config.json for checkpoints when it has no source directory of its own).
+    let (model, source_dir, config_json) = match (&resume_dir, &cfg.model) {
+        (Some(dir), _) => (
+            Qwen3Model::from_hf_dir(dir, device)?,
+            Some(dir.clone()),
+            None,
+        ),
+        (None, ModelSource::Pretrained(dir)) => (
+            Qwen3Model::from_hf_dir(dir, device)?,
+            Some(dir.clone()),
+            None,
+        ),
+        (None, ModelSource::Random { config }) => {
+            let mc = ModelConfig::from_file(config).map_err(crate::model::ModelError::from)?;
+            let json = mc.to_hf_json();
+            let model = Qwen3Model::random(mc, cfg.seed, cfg.init_std, device)?;
+            (model, cfg.resolved_tokenizer_dir(), Some(json))
+        }
+    };
+    let model = model.with_gradient_checkpointing(cfg.gradient_checkpointing);
+    let flops_per_token = model.config.flops_per_token(cfg.max_length);
+    let param_count = model.config.param_count();
+
+    // Data.
+    let dataset = PretrainDataset::load(
+        &cfg.dataset,
+        &LoadOptions {
+            max_length: cfg.max_length,
+            vocab_size: model.config.vocab_size,
+            tokenizer_dir: cfg.resolved_tokenizer_dir(),
+        },
+    )?;
+    let sequences = dataset.len();
+
+    // Trainer, restored from the checkpoint when resuming.
+    let schedule = LrSchedule::new(
+        cfg.lr,
+        cfg.min_lr,
+        cfg.warmup,
+        cfg.lr_decay_iters.unwrap_or(cfg.train_iters),
+        cfg.lr_decay_style,
+    )?;
+    let mut trainer = Trainer::new(
+        model,
+        OptimizerOptions {
+            schedule,
+            adam: cfg.adam,
+            weight_decay: cfg.weight_decay,
+            clip_grad: cfg.clip_grad,
+        },
+    )?;
+    let (cursor, mut total_tokens) = match &resume_dir {
+        Some(dir) => {
+            let state = checkpoint::read_state(dir)?;
+            if state.seed != cfg.seed {
+                return Err(TrainError::Checkpoint {
+                    path: dir.clone(),
+                    reason: format!(
+                        "saved with seed {}, this run has seed {}: the data order would differ",
+                        state.seed, cfg.seed
+                    ),
+                });
+            }
+            if state.max_length != cfg.max_length {
+                return Err(TrainError::Checkpoint {
+                    path: dir.clone(),
+                    reason: format!(
+                        "saved with max_length {}, this run has {}: the data cursor would not fit",
+                        state.max_length, cfg.max_length
+                    ),
+                });
+            }
+            let states = checkpoint::read_optimizer(dir, &state)?;
+            trainer.restore(state.step, state.skipped_steps, states)?;
+            (state.data_cursor, state.total_tokens)
+        }
+        None => (DataCursor::default(), 0),
+    };
+    let start_step = trainer.iteration();
+    let mut loader = DataLoader::new(dataset, cfg.seed, cursor)?;
+    let metrics_path = cfg.output_dir.join(METRICS_FILE);
+    truncate_metrics(&metrics_path, start_step)?;
+
+    observer.on_start(&RunInfo {
+        start_step,
+        train_iters: cfg.train_iters,
+        resumed_from: resume_dir.clone(),
+        sequences,
+        param_count,
+    });
+    if let Some(dir) = &resume_dir {
+        tracing::info!("resuming from {} at step {start_step}", dir.display());
+    }
+
+    let mut summary = TrainSummary {
+        final_step: start_step,
+        losses: Vec::new(),
+        resumed_from: resume_dir,
+        checkpoints: Vec::new(),
+        stopped_early: false,
+    };
+    while trainer.iteration() < cfg.train_iters {
+        let started = Instant::now();
+        let batches: Vec<_> = (0..cfg.grad_accum)
+            .map(|_| loader.next_batch(cfg.micro_batch_size))
+            .collect();
+        let stats = trainer.step(&batches)?;
+        let step_time_s = started.elapsed().as_secs_f64();
+        total_tokens += stats.tokens as u64;
+        let tokens_per_s = stats.tokens as f64 / step_time_s.max(1e-9);
+        let metrics = StepMetrics {
+            step: stats.step,
+            train_iters: cfg.train_iters,
+            loss: stats.loss,
+            ce_loss: stats.ce_loss,
+            aux_loss: stats.aux_loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens: stats.tokens as u64,
+            total_tokens,
+            step_time_s,
+            tokens_per_s,
+            mfu: flops_per_token * tokens_per_s / PEAK_FLOPS,
+            skipped: stats.skipped,
+        };
+        summary.losses.push((stats.step, stats.loss));
+        summary.final_step = stats.step;
+        let last = stats.step == cfg.train_iters;
+        if stats.step.is_multiple_of(cfg.logging_steps) || last {
+            append_metrics(&metrics_path, &metrics)?;
+        }
+        if stats.step.is_multiple_of(cfg.save_steps) || last {
+            let dir = checkpoint::save(
+                &trainer,
+                &SaveRequest {
+                    output_dir: &cfg.output_dir,
+                    source_dir: source_dir.as_deref(),
+                    config: config_json.clone(),
+                    data_cursor: loader.cursor(),
+                    seed: cfg.seed,
+                    total_tokens,
+                    max_length: cfg.max_length,
+                    global_batch_size: cfg.global_batch_size(),
+                },
+            )?;
+            observer.on_checkpoint(stats.step, &dir);
+            summary.checkpoints.push(dir);
+        }
+        if observer.on_step(&metrics).is_break() && !last {
+            summary.stopped_early = true;
+            break;
+        }
+    }
+    Ok(summary)
+}
+
+fn check_config(cfg: &TrainConfig) -> Result<()> {
+    let positive = [
+        ("max_length", cfg.max_length as u64),
+        ("micro_batch_size", cfg.micro_batch_size as u64),
+        ("grad_accum", cfg.grad_accum as u64),
+        ("train_iters", cfg.train_iters),
+        ("save_steps", cfg.save_steps),
+        ("logging_steps", cfg.logging_steps),
+    ];
+    for (key, v) in positive {
+        if v == 0 {
+            return Err(TrainError::Invalid {
+                key,
+                reason: "must be at least 1".into(),
+            });
+        }
+    }
+    if cfg.max_length < 2 {
+        return Err(TrainError::Invalid {
+            key: "max_length",
+            reason: "must be at least 2".into(),
+        });
+    }
+    if cfg.dataset.is_empty() {
+        return Err(TrainError::Invalid {
+            key: "dataset",
+            reason: "no files given".into(),
+        });
+    }
+    Ok(())
+}
+
+fn append_metrics(path: &Path, m: &StepMetrics) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let line = serde_json::to_string(m).expect("metrics serialise") + "\n";
+    f.write_all(line.as_bytes()).map_err(io_err(path))
+}
+
+/// Keeps the lines of `metrics.jsonl` for steps `≤ step` (all of them when the file does not exist).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step")?.as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        std::fs::write(path, kept).map_err(io_err(path))?;
+    }
+    Ok(())
+}
