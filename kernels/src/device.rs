@@ -1,8 +1,8 @@
 //! Devices and element types.
 //!
-//! A [`Device`] names where a tensor lives. Only the CPU backend exists today; `Cuda(ordinal)` is part of the
-//! enum so that configuration and model code can already name GPUs, and every attempt to allocate on one fails
-//! with [`KernelError::DeviceUnavailable`](crate::KernelError::DeviceUnavailable) until the CUDA backend lands.
+//! A [`Device`] names where a tensor lives: the CPU reference backend, or a GPU served by [`crate::cuda`]
+//! (loaded at run time; on a machine without a driver or GPU every attempt to allocate on one fails with
+//! [`KernelError::DeviceUnavailable`](crate::KernelError::DeviceUnavailable)).
 
 use std::fmt;
 
@@ -11,7 +11,7 @@ use std::fmt;
 pub enum Device {
     /// Host memory, computed by the candle-based reference backend (f32).
     Cpu,
-    /// The GPU with this CUDA ordinal (backend not built yet).
+    /// The GPU with this CUDA ordinal (see [`crate::cuda`]).
     Cuda(usize),
 }
 
@@ -26,8 +26,9 @@ impl fmt::Display for Device {
 
 /// Element type of a tensor.
 ///
-/// Ops compute in `F32` on the CPU backend; `BF16` exists for storage and casts (the GPU compute type), `U32` for
-/// token ids, positions, segment ids and expert indices.
+/// Ops compute in `F32` on the CPU backend; `BF16` exists there for storage and casts, and is the GPU compute type
+/// (the CUDA ops accept `F32` or `BF16`, see [`crate::cuda`]); `U32` holds token ids, positions, segment ids and
+/// expert indices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,

@@ -51,6 +51,10 @@ pub enum KernelError {
     /// A failure inside the CPU backend (candle).
     #[error("CPU backend: {0}")]
     Cpu(#[from] candle_core::Error),
+
+    /// A failure inside the CUDA backend (driver, NVRTC, cuBLASLt, or an unsupported op/dtype).
+    #[error("CUDA backend: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
 }
 
 impl KernelError {

@@ -1,7 +1,7 @@
 //! Device layer: one [`Tensor`] type over backends, and the op set Qwen3 training needs.
 //!
-//! - [`Device`] says where a tensor lives (`Cpu` today; `Cuda(ordinal)` is reserved for the CUDA backend and
-//!   fails with [`KernelError::DeviceUnavailable`] until it exists), [`DType`] what it holds.
+//! - [`Device`] says where a tensor lives (`Cpu`, or `Cuda(ordinal)`: the [`cuda`] backend, which fails with
+//!   [`KernelError::DeviceUnavailable`] on a machine without a usable GPU), [`DType`] what it holds.
 //! - [`Tensor`] wraps a backend storage; host data goes in and out as `Vec<f32>` / `Vec<u32>` plus a shape.
 //! - [`ops`] holds every op as a forward and an explicit backward (no autograd tape): GEMM, RMSNorm, RoPE,
 //!   SwiGLU, attention, embedding, cross-entropy, MoE routing and permutation.
@@ -12,6 +12,7 @@
 //! Conventions: shapes are written outermost first (`[tokens, hidden]`); tokens are flattened `batch·seq` unless
 //! an op says otherwise; weights use the HF/PyTorch `[out, in]` layout; ids and indices are `u32` tensors.
 
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod ops;

@@ -23,6 +23,8 @@ use crate::error::{KernelError, Result};
 pub(crate) enum Storage {
     /// candle tensor in host memory.
     Cpu(candle_core::Tensor),
+    /// Device buffer on a GPU (see [`crate::cuda`]).
+    Cuda(crate::cuda::storage::CudaStorage),
 }
 
 /// A dense tensor on a [`Device`]. See the module docs for invariants.
@@ -36,8 +38,16 @@ fn candle_device(device: &Device) -> Result<candle_core::Device> {
         Device::Cpu => Ok(candle_core::Device::Cpu),
         Device::Cuda(_) => Err(KernelError::DeviceUnavailable {
             device: *device,
-            reason: "the CUDA backend is not built yet".into(),
+            reason: "candle's CUDA backend is not used; CUDA tensors go through crate::cuda".into(),
         }),
+    }
+}
+
+/// The CUDA device behind `device`, if it is one (fails with `DeviceUnavailable` when it cannot be opened).
+fn cuda_dev(device: &Device) -> Result<Option<std::sync::Arc<crate::cuda::device::CudaDev>>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(i) => Ok(Some(crate::cuda::device::get(*i)?)),
     }
 }
 
@@ -73,7 +83,36 @@ impl Tensor {
     pub(crate) fn cpu(&self) -> Result<&candle_core::Tensor> {
         match &self.storage {
             Storage::Cpu(t) => Ok(t),
+            Storage::Cuda(_) => Err(KernelError::DeviceMismatch {
+                op: "cpu backend",
+                a: Device::Cpu,
+                b: self.device(),
+            }),
         }
+    }
+
+    /// Wraps a CUDA storage.
+    pub(crate) fn from_cuda(s: crate::cuda::storage::CudaStorage) -> Self {
+        Tensor {
+            storage: Storage::Cuda(s),
+        }
+    }
+
+    /// The device storage behind a CUDA tensor.
+    pub(crate) fn cuda(&self) -> Result<&crate::cuda::storage::CudaStorage> {
+        match &self.storage {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => Err(KernelError::DeviceMismatch {
+                op: "cuda backend",
+                a: Device::Cuda(0),
+                b: Device::Cpu,
+            }),
+        }
+    }
+
+    /// True when the tensor lives on a GPU.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self.storage, Storage::Cuda(_))
     }
 
     /// Fails unless `self` has dtype `want`.
@@ -132,6 +171,10 @@ impl Tensor {
     /// An f32 tensor of `shape` holding `data` (row-major).
     pub fn from_f32(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
         check_len(data.len(), shape)?;
+        if let Some(dev) = cuda_dev(device)? {
+            let s = crate::cuda::storage::CudaStorage::from_f32(&dev, &data, shape)?;
+            return Ok(Tensor::from_cuda(s));
+        }
         let t = candle_core::Tensor::from_vec(data, shape, &candle_device(device)?)?;
         Ok(Tensor::from_cpu(t))
     }
@@ -139,12 +182,20 @@ impl Tensor {
     /// A u32 tensor of `shape` holding `data` (ids, positions, indices).
     pub fn from_u32(data: Vec<u32>, shape: &[usize], device: &Device) -> Result<Tensor> {
         check_len(data.len(), shape)?;
+        if let Some(dev) = cuda_dev(device)? {
+            let s = crate::cuda::storage::CudaStorage::from_u32(&dev, &data, shape)?;
+            return Ok(Tensor::from_cuda(s));
+        }
         let t = candle_core::Tensor::from_vec(data, shape, &candle_device(device)?)?;
         Ok(Tensor::from_cpu(t))
     }
 
     /// A tensor of `shape` filled with zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        if let Some(dev) = cuda_dev(device)? {
+            let s = crate::cuda::storage::CudaStorage::zeros(&dev, shape, dtype)?;
+            return Ok(Tensor::from_cuda(s));
+        }
         let t = candle_core::Tensor::zeros(shape, dtype.to_candle(), &candle_device(device)?)?;
         Ok(Tensor::from_cpu(t))
     }
@@ -157,6 +208,11 @@ impl Tensor {
 
     /// All elements as f32, row-major (bf16 is widened; u32 is rejected).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        if let Storage::Cuda(s) = &self.storage
+            && matches!(s.dtype(), DType::F32 | DType::BF16)
+        {
+            return s.to_f32();
+        }
         match self.dtype() {
             DType::F32 | DType::BF16 => {
                 let t = self
@@ -176,6 +232,9 @@ impl Tensor {
     /// All elements of a u32 tensor, row-major.
     pub fn to_vec_u32(&self) -> Result<Vec<u32>> {
         self.expect_dtype("to_vec_u32", DType::U32)?;
+        if let Storage::Cuda(s) = &self.storage {
+            return s.to_u32();
+        }
         Ok(self.cpu()?.flatten_all()?.to_vec1::<u32>()?)
     }
 
@@ -186,6 +245,7 @@ impl Tensor {
     pub fn shape(&self) -> &[usize] {
         match &self.storage {
             Storage::Cpu(t) => t.dims(),
+            Storage::Cuda(s) => s.shape(),
         }
     }
 
@@ -205,6 +265,7 @@ impl Tensor {
             Storage::Cpu(t) => {
                 DType::from_candle(t.dtype()).expect("only DType values are ever stored")
             }
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 
@@ -212,6 +273,7 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => s.dev().device(),
         }
     }
 
@@ -231,6 +293,9 @@ impl Tensor {
                 ),
             ));
         }
+        if let Storage::Cuda(s) = &self.storage {
+            return Ok(Tensor::from_cuda(s.reshaped(shape)));
+        }
         Ok(Tensor::from_cpu(self.cpu()?.contiguous()?.reshape(shape)?))
     }
 
@@ -241,6 +306,9 @@ impl Tensor {
                 "transpose",
                 format!("dims {d1},{d2} for shape {:?}", self.shape()),
             ));
+        }
+        if self.is_cuda() {
+            return crate::cuda::ops::transpose(self, d1, d2);
         }
         Ok(Tensor::from_cpu(
             self.cpu()?.transpose(d1, d2)?.contiguous()?,
@@ -259,6 +327,9 @@ impl Tensor {
                 ),
             ));
         }
+        if self.is_cuda() {
+            return crate::cuda::ops::narrow(self, dim, start, len);
+        }
         Ok(Tensor::from_cpu(
             self.cpu()?.narrow(dim, start, len)?.contiguous()?,
         ))
@@ -270,6 +341,9 @@ impl Tensor {
             return Err(KernelError::invalid("cat", "no tensors"));
         }
         Tensor::common_device("cat", tensors)?;
+        if tensors[0].is_cuda() {
+            return crate::cuda::ops::cat(tensors, dim);
+        }
         let cs = tensors
             .iter()
             .map(|t| t.cpu())
@@ -279,7 +353,39 @@ impl Tensor {
 
     /// Casts to `dtype` (f32 ↔ bf16 round to nearest even; u32 → f32 is exact below 2^24).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if self.is_cuda() {
+            return crate::cuda::ops::cast(self, dtype);
+        }
         Ok(Tensor::from_cpu(self.cpu()?.to_dtype(dtype.to_candle())?))
+    }
+
+    /// A copy of this tensor on `device` (same dtype; a clone when it is already there). Host↔device copies
+    /// wait for completion; GPU↔GPU goes through the host.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        let shape = self.shape().to_vec();
+        match (self.dtype(), cuda_dev(device)?) {
+            (DType::U32, None) => Tensor::from_u32(self.to_vec_u32()?, &shape, device),
+            (DType::F32, None) => Tensor::from_f32(self.to_vec_f32()?, &shape, device),
+            (DType::BF16, None) => {
+                Tensor::from_f32(self.to_vec_f32()?, &shape, device)?.to_dtype(DType::BF16)
+            }
+            (DType::U32, Some(dev)) => Ok(Tensor::from_cuda(
+                crate::cuda::storage::CudaStorage::from_u32(&dev, &self.to_vec_u32()?, &shape)?,
+            )),
+            (DType::F32, Some(dev)) => Ok(Tensor::from_cuda(
+                crate::cuda::storage::CudaStorage::from_f32(&dev, &self.to_vec_f32()?, &shape)?,
+            )),
+            (DType::BF16, Some(dev)) => Ok(Tensor::from_cuda(
+                crate::cuda::storage::CudaStorage::from_f32_as_bf16(
+                    &dev,
+                    &self.to_vec_f32()?,
+                    &shape,
+                )?,
+            )),
+        }
     }
 
     // ----------------------------------------------------------------------------------------------------------
@@ -307,26 +413,55 @@ impl Tensor {
         Ok((self.cpu()?, rhs.cpu()?))
     }
 
+    /// Checks shapes and dtypes, then runs the CUDA kernel `op` (`add`, `sub`, `mul`) when `self` is on a GPU.
+    fn cuda_binary(&self, op: &'static str, rhs: &Tensor) -> Option<Result<Tensor>> {
+        if !self.is_cuda() && !rhs.is_cuda() {
+            return None;
+        }
+        Some((|| {
+            Tensor::common_device(op, &[self, rhs])?;
+            if self.shape() != rhs.shape() {
+                return Err(KernelError::shape(
+                    op,
+                    format!("{:?} vs {:?}", self.shape(), rhs.shape()),
+                ));
+            }
+            crate::cuda::ops::binary(op, self, rhs)
+        })())
+    }
+
     /// `self + rhs`.
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        if let Some(r) = self.cuda_binary("add", rhs) {
+            return r;
+        }
         let (a, b) = self.binary("add", rhs)?;
         Ok(Tensor::from_cpu(a.add(b)?))
     }
 
     /// `self - rhs`.
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        if let Some(r) = self.cuda_binary("sub", rhs) {
+            return r;
+        }
         let (a, b) = self.binary("sub", rhs)?;
         Ok(Tensor::from_cpu(a.sub(b)?))
     }
 
     /// `self ⊙ rhs` (elementwise product).
     pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        if let Some(r) = self.cuda_binary("mul", rhs) {
+            return r;
+        }
         let (a, b) = self.binary("mul", rhs)?;
         Ok(Tensor::from_cpu(a.mul(b)?))
     }
 
     /// `s · self`.
     pub fn scale(&self, s: f32) -> Result<Tensor> {
+        if self.is_cuda() {
+            return crate::cuda::ops::scale(self, s);
+        }
         Ok(Tensor::from_cpu(self.cpu()?.affine(s as f64, 0.0)?))
     }
 
@@ -368,6 +503,9 @@ impl Tensor {
     pub fn sum_dim0(&self) -> Result<Tensor> {
         if self.rank() == 0 {
             return Err(KernelError::invalid("sum_dim0", "scalar tensor"));
+        }
+        if self.is_cuda() {
+            return crate::cuda::ops::sum_dim0(self);
         }
         Ok(Tensor::from_cpu(self.cpu()?.sum(0)?))
     }

@@ -11,3 +11,5 @@ pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod train;
+pub mod tensor_parallel;
+pub mod zero;

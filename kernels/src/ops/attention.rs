@@ -149,6 +149,10 @@ pub fn attention_fwd(
     segment_ids: Option<&Tensor>,
     scale: f32,
 ) -> Result<AttentionOut> {
+    if q.is_cuda() {
+        let (out, lse) = crate::cuda::ops::attention_fwd(q, k, v, segment_ids, scale)?;
+        return Ok(AttentionOut { out, lse });
+    }
     let dims = check("attention_fwd", q, k, v, segment_ids)?;
     let Dims { b, s, hq, hkv, d } = dims;
     let g = dims.group();
@@ -182,6 +186,11 @@ pub fn attention_bwd(
     scale: f32,
 ) -> Result<AttentionGrads> {
     let op = "attention_bwd";
+    if q.is_cuda() {
+        let (dq, dk, dv) =
+            crate::cuda::ops::attention_bwd(dout, q, k, v, out, lse, segment_ids, scale)?;
+        return Ok(AttentionGrads { dq, dk, dv });
+    }
     let dims = check(op, q, k, v, segment_ids)?;
     let Dims { b, s, hq, hkv, d } = dims;
     let g = dims.group();

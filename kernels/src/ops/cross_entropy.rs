@@ -48,6 +48,11 @@ fn lse_parts(logits: &Tensor, targets: &Tensor) -> Result<[candle_core::Tensor; 
 
 /// Per-token `CE_t` as `[tokens]` (no weights, no reduction): for evaluation and perplexity.
 pub fn cross_entropy_per_token(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.is_cuda() {
+        let (ce, _) =
+            crate::cuda::ops::cross_entropy("cross_entropy_per_token", logits, targets, None)?;
+        return Ok(ce);
+    }
     check("cross_entropy_per_token", logits, targets)?;
     let [lse, _, _, picked] = lse_parts(logits, targets)?;
     Ok(Tensor::from_cpu(lse.sub(&picked)?.squeeze(1)?))
@@ -61,6 +66,32 @@ pub fn cross_entropy_fwd_bwd(
     denom: Option<f64>,
 ) -> Result<CrossEntropyOut> {
     let op = "cross_entropy_fwd_bwd";
+    if logits.is_cuda() {
+        // Same maths as below; the per-token CE comes back to the host for the f64 loss sum.
+        Tensor::common_device(op, &[logits, weights])?;
+        weights.expect_dtype(op, DType::F32)?;
+        let wv = weights.to_vec_f32()?;
+        let denom = denom.unwrap_or_else(|| wv.iter().map(|&w| w as f64).sum());
+        if !(denom.is_finite() && denom != 0.0) {
+            return Err(KernelError::invalid(
+                op,
+                format!("loss denominator {denom} (all weights zero?)"),
+            ));
+        }
+        let (ce, dl) =
+            crate::cuda::ops::cross_entropy(op, logits, targets, Some((weights, denom)))?;
+        let ce = ce.to_vec_f32()?;
+        let loss = ce
+            .iter()
+            .zip(&wv)
+            .map(|(&c, &w)| c as f64 * w as f64)
+            .sum::<f64>()
+            / denom;
+        return Ok(CrossEntropyOut {
+            loss,
+            dlogits: dl.expect("gradient requested"),
+        });
+    }
     let (t, _) = check(op, logits, targets)?;
     weights.expect_dtype(op, DType::F32)?;
     weights.expect_shape(op, "weights", &[t])?;

@@ -20,6 +20,9 @@ fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<()> {
 /// `x [tokens, hidden] = table[ids]`.
 pub fn embedding_fwd(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     let op = "embedding_fwd";
+    if table.is_cuda() {
+        return crate::cuda::ops::embedding_fwd(ids, table);
+    }
     Tensor::common_device(op, &[ids, table])?;
     table.expect_dtype(op, DType::F32)?;
     table.expect_rank(op, "table", 2)?;
@@ -30,6 +33,9 @@ pub fn embedding_fwd(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
 /// `dtable [vocab, hidden]`: scatter-add of `dx [tokens, hidden]` into the rows named by `ids`.
 pub fn embedding_bwd(ids: &Tensor, dx: &Tensor, vocab: usize) -> Result<Tensor> {
     let op = "embedding_bwd";
+    if dx.is_cuda() {
+        return crate::cuda::ops::embedding_bwd(ids, dx, vocab);
+    }
     Tensor::common_device(op, &[ids, dx])?;
     dx.expect_dtype(op, DType::F32)?;
     dx.expect_rank(op, "dx", 2)?;

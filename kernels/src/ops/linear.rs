@@ -43,6 +43,9 @@ fn check_linear(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usiz
 
 /// `y [n, out] = x [n, in] · w [out, in]ᵀ`.
 pub fn linear_fwd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.is_cuda() {
+        return crate::cuda::ops::linear_fwd(x, w);
+    }
     check_linear("linear_fwd", x, w)?;
     Ok(Tensor::from_cpu(x.cpu()?.matmul(&w.cpu()?.t()?)?))
 }
@@ -50,6 +53,10 @@ pub fn linear_fwd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Backward of [`linear_fwd`]: `dx = dy·W`, `dw = dyᵀ·x`.
 pub fn linear_bwd(dy: &Tensor, x: &Tensor, w: &Tensor) -> Result<LinearGrads> {
     let op = "linear_bwd";
+    if x.is_cuda() {
+        let (dx, dw) = crate::cuda::ops::linear_bwd(dy, x, w)?;
+        return Ok(LinearGrads { dx, dw });
+    }
     let (n, _, out) = check_linear(op, x, w)?;
     Tensor::common_device(op, &[dy, x])?;
     dy.expect_dtype(op, DType::F32)?;
@@ -66,6 +73,9 @@ pub fn linear_bwd(dy: &Tensor, x: &Tensor, w: &Tensor) -> Result<LinearGrads> {
 /// `a [m, k] · b [k, n] → [m, n]` (plain matrix product).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let op = "matmul";
+    if a.is_cuda() {
+        return crate::cuda::ops::matmul(a, b);
+    }
     Tensor::common_device(op, &[a, b])?;
     a.expect_dtype(op, DType::F32)?;
     b.expect_dtype(op, DType::F32)?;
@@ -119,6 +129,9 @@ fn check_groups(
 /// Grouped `y [rows, out]`: rows `offsets[g]..offsets[g+1]` of `x [rows, in]` times `ws[g] [out, in]ᵀ`.
 pub fn grouped_linear_fwd(x: &Tensor, ws: &[&Tensor], offsets: &[usize]) -> Result<Tensor> {
     let op = "grouped_linear_fwd";
+    if x.is_cuda() {
+        return crate::cuda::ops::grouped_linear_fwd(x, ws, offsets);
+    }
     let (rows, out) = check_groups(op, x, ws, offsets)?;
     let mut parts = Vec::with_capacity(ws.len());
     for (g, w) in ws.iter().enumerate() {
@@ -141,6 +154,9 @@ pub fn grouped_linear_bwd(
     offsets: &[usize],
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let op = "grouped_linear_bwd";
+    if x.is_cuda() {
+        return crate::cuda::ops::grouped_linear_bwd(dy, x, ws, offsets);
+    }
     let (rows, out) = check_groups(op, x, ws, offsets)?;
     dy.expect_shape(op, "dy", &[rows, out])?;
     let mut dx_parts = Vec::new();

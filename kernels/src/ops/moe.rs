@@ -97,6 +97,9 @@ fn check_rows(op: &'static str, t: &Tensor, what: &str, rows: usize) -> Result<u
 
 /// `xp [tokens·k, hidden]`: token rows copied into the expert-grouped layout.
 pub fn moe_permute(x: &Tensor, plan: &MoePlan) -> Result<Tensor> {
+    if x.is_cuda() {
+        return crate::cuda::ops::moe_permute(x, &plan.row_token, plan.tokens);
+    }
     check_rows("moe_permute", x, "x", plan.tokens)?;
     Ok(Tensor::from_cpu(
         x.cpu()?.index_select(plan.row_token.cpu()?, 0)?,
@@ -105,6 +108,9 @@ pub fn moe_permute(x: &Tensor, plan: &MoePlan) -> Result<Tensor> {
 
 /// Backward of [`moe_permute`]: `dx [tokens, hidden]`, the sum of the gradients of each token's `k` copies.
 pub fn moe_permute_bwd(dxp: &Tensor, plan: &MoePlan) -> Result<Tensor> {
+    if dxp.is_cuda() {
+        return crate::cuda::ops::moe_permute_bwd(dxp, &plan.row_token, plan.tokens, plan.top_k);
+    }
     let h = check_rows("moe_permute_bwd", dxp, "dxp", plan.tokens * plan.top_k)?;
     let c = dxp.cpu()?;
     let zeros = candle_core::Tensor::zeros((plan.tokens, h), candle_core::DType::F32, c.device())?;
@@ -125,6 +131,15 @@ fn weights3(op: &'static str, weights: &Tensor, plan: &MoePlan) -> Result<candle
 /// `y [tokens, hidden] = Σ_j weights[t, j]·yp[row(t, j)]`.
 pub fn moe_unpermute(yp: &Tensor, weights: &Tensor, plan: &MoePlan) -> Result<Tensor> {
     let op = "moe_unpermute";
+    if yp.is_cuda() {
+        return crate::cuda::ops::moe_unpermute(
+            yp,
+            weights,
+            &plan.slot_row,
+            plan.tokens,
+            plan.top_k,
+        );
+    }
     let h = check_rows(op, yp, "yp", plan.tokens * plan.top_k)?;
     let w = weights3(op, weights, plan)?;
     let ys =
@@ -142,6 +157,16 @@ pub fn moe_unpermute_bwd(
     plan: &MoePlan,
 ) -> Result<(Tensor, Tensor)> {
     let op = "moe_unpermute_bwd";
+    if yp.is_cuda() {
+        return crate::cuda::ops::moe_unpermute_bwd(
+            dy,
+            yp,
+            weights,
+            &plan.slot_row,
+            plan.tokens,
+            plan.top_k,
+        );
+    }
     let h = check_rows(op, yp, "yp", plan.tokens * plan.top_k)?;
     check_rows(op, dy, "dy", plan.tokens)?;
     let w = weights3(op, weights, plan)?;

@@ -42,6 +42,10 @@ fn check(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
 /// RMSNorm forward (see module docs).
 pub fn rmsnorm_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<RmsNormOut> {
     let op = "rmsnorm_fwd";
+    if x.is_cuda() {
+        let (y, rstd) = crate::cuda::ops::rmsnorm_fwd(x, w, eps)?;
+        return Ok(RmsNormOut { y, rstd });
+    }
     let d = check(op, x, w)?;
     let rows = x.elem_count() / d.max(1);
     let xc = x.cpu()?.reshape((rows, d))?;
@@ -66,6 +70,10 @@ pub fn rmsnorm_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<RmsNormOut> {
 /// RMSNorm backward (see module docs). `x`, `w`, `rstd` are the forward's input, weight and saved `rstd`.
 pub fn rmsnorm_bwd(dy: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor) -> Result<RmsNormGrads> {
     let op = "rmsnorm_bwd";
+    if x.is_cuda() {
+        let (dx, dw) = crate::cuda::ops::rmsnorm_bwd(dy, x, w, rstd)?;
+        return Ok(RmsNormGrads { dx, dw });
+    }
     let d = check(op, x, w)?;
     dy.expect_shape(op, "dy", x.shape())?;
     rstd.expect_shape(op, "rstd", &x.shape()[..x.rank() - 1])?;

@@ -77,6 +77,20 @@ impl RopeTable {
 
 /// Rotates by `+angle` (`sign = 1`) or `−angle` (`sign = −1`).
 fn rotate(op: &'static str, x: &Tensor, table: &RopeTable, sign: f64) -> Result<Tensor> {
+    if x.is_cuda() {
+        if x.rank() == 3 && (x.shape()[0] != table.tokens() || x.shape()[2] != table.head_dim) {
+            return Err(KernelError::shape(
+                op,
+                format!(
+                    "x {:?} vs table for {} tokens × head_dim {}",
+                    x.shape(),
+                    table.tokens(),
+                    table.head_dim
+                ),
+            ));
+        }
+        return crate::cuda::ops::rope(op, x, &table.cos, &table.sin, sign as f32);
+    }
     x.expect_dtype(op, DType::F32)?;
     x.expect_rank(op, "x", 3)?;
     Tensor::common_device(op, &[x, &table.cos])?;

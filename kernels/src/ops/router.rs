@@ -32,6 +32,17 @@ pub struct RouterOut {
 /// Softmax, top-k and optional renormalisation (see module docs).
 pub fn router_fwd(logits: &Tensor, top_k: usize, norm_topk_prob: bool) -> Result<RouterOut> {
     let op = "router_fwd";
+    if logits.is_cuda() {
+        // Slow path: the router is tiny ([tokens, experts]); compute it on the host and copy the results back.
+        let dev = logits.device();
+        let host = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let o = router_fwd(&host, top_k, norm_topk_prob)?;
+        return Ok(RouterOut {
+            probs: o.probs.to_device(&dev)?,
+            topk_idx: o.topk_idx.to_device(&dev)?,
+            topk_weight: o.topk_weight.to_device(&dev)?,
+        });
+    }
     logits.expect_dtype(op, DType::F32)?;
     logits.expect_rank(op, "logits", 2)?;
     let (t, e) = (logits.shape()[0], logits.shape()[1]);

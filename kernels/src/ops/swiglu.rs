@@ -31,6 +31,9 @@ fn check(op: &'static str, gate: &Tensor, up: &Tensor) -> Result<()> {
 
 /// `h = silu(gate) ⊙ up`.
 pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.is_cuda() {
+        return crate::cuda::ops::swiglu_fwd(gate, up);
+    }
     check("swiglu_fwd", gate, up)?;
     Ok(Tensor::from_cpu(gate.cpu()?.silu()?.mul(up.cpu()?)?))
 }
@@ -38,6 +41,10 @@ pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Backward of [`swiglu_fwd`] given `dh` and the forward inputs.
 pub fn swiglu_bwd(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluGrads> {
     let op = "swiglu_bwd";
+    if gate.is_cuda() {
+        let (dgate, dup) = crate::cuda::ops::swiglu_bwd(dh, gate, up)?;
+        return Ok(SwigluGrads { dgate, dup });
+    }
     check(op, gate, up)?;
     dh.expect_shape(op, "dh", gate.shape())?;
     let (g, u, d) = (gate.cpu()?, up.cpu()?, dh.cpu()?);

@@ -1,0 +1,398 @@
+//! Distributed optimizer (ZeRO stage 1, Megatron's `DistributedOptimizer`): the fp32 master weights and the AdamW
+//! states are sharded over the data-parallel group; gradients are reduce-scattered into the shards and parameters
+//! all-gathered after the step.
+//!
+//! # Layout
+//!
+//! A rank's local parameters (its TP shard, HF names, HF order from [`Qwen3Params::visit`]) are laid end to end
+//! in one flat buffer of `N` f32 values, zero-padded to `N' = ⌈N/d⌉·d` for a DP group of `d` ranks. DP rank `r`
+//! owns the contiguous range `S_r = [r·N'/d, (r+1)·N'/d)` (= [`chunk_range`]`(N', d, r)`, the chunk a
+//! reduce-scatter leaves on rank `r`). A parameter may straddle shard boundaries; each rank steps the pieces that
+//! intersect its range, named by the parameter (the AdamW state of that name has the piece's length).
+//!
+//! # One step
+//!
+//! ```text
+//! ĝ_r   = reduce_scatter_sum(flat(grads))[S_r]        over DP        ĝ = Σ_dp-ranks g  (the loss is already
+//!                                                                     normalised by the global weight sum)
+//! s     = Σ_{i ∈ S_r, i counted} ĝ_i²                 all-reduce(sum) over DP, then over TP
+//! norm  = √s;  c = min(1, max_norm/(norm + 1e-6))      (torch / Megatron clip; skipped if norm is not finite)
+//! AdamW(master[S_r], c·ĝ_r)                           elementwise, exactly `optim::AdamW` on the pieces
+//! flat(params) = all_gather(master[S_r])              over DP, written back into the model's tensors
+//! ```
+//! "Counted": each element of the global model once — TP-replicated tensors on TP rank 0 only, replicated kv heads
+//! on the first rank of their replica group ([`TpModel::counts_in_norm`]). Because AdamW is elementwise and the
+//! clip coefficient is global, the sharded step gives the same parameters as an unsharded AdamW on the full
+//! gradient (up to the summation order of `s`).
+//!
+//! Memory per rank: parameters and gradients `N` each (the model's own tensors), master weights and two moments
+//! `3·N'/d` — the ZeRO-1 saving. On the CPU backend params are already fp32, so the master copy equals them; with
+//! bf16 device params the master stays fp32 and the all-gather moves the cast values.
+
+use std::ops::Range;
+
+use thiserror::Error;
+
+use crate::comm::{CommError, Communicator, ReduceOp, chunk_range};
+use crate::model::{NamedTensors, Qwen3Params};
+use crate::optim::{
+    AdamW, AdamWConfig, AdamWState, OptimError, ParamSlot, clip_coefficient, decays,
+};
+use crate::tensor_parallel::{TpError, TpModel};
+
+/// Errors of the distributed optimizer.
+#[derive(Debug, Error)]
+pub enum ZeroError {
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error("collective failed: {0}")]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Tp(#[from] TpError),
+    #[error("no gradient for parameter `{name}`")]
+    MissingGrad { name: String },
+    #[error("gradient of `{name}` has shape {got:?}, the parameter {expected:?}")]
+    GradShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("the model's parameters no longer match the optimizer's layout at `{name}`")]
+    Layout { name: String },
+}
+
+impl From<qkernels::KernelError> for ZeroError {
+    fn from(e: qkernels::KernelError) -> Self {
+        ZeroError::Tp(TpError::from(e))
+    }
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, ZeroError>;
+
+/// Settings of the distributed optimizer (AdamW's betas and eps are in [`AdamWConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZeroConfig {
+    /// Decoupled weight decay for matrices and embeddings (1-D tensors get none, [`decays`]).
+    pub weight_decay: f64,
+    /// Global grad-norm clip; `None` = no clipping (the norm is still computed and reported).
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for ZeroConfig {
+    /// Megatron's defaults: weight decay 0.01, clip 1.0.
+    fn default() -> Self {
+        ZeroConfig {
+            weight_decay: 0.01,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+/// What one [`DistributedOptimizer::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Global gradient L2 norm before clipping (over all ranks, each element once).
+    pub grad_norm: f64,
+    /// Factor the gradients were multiplied by (1 when not clipped).
+    pub clip_coef: f32,
+    /// The step was skipped because the norm was not finite (nothing changed).
+    pub skipped: bool,
+}
+
+/// One parameter's place in the flat buffer.
+#[derive(Debug, Clone)]
+struct Segment {
+    name: String,
+    shape: Vec<usize>,
+    /// Range in the flat buffer.
+    range: Range<usize>,
+    weight_decay: f64,
+    counts_in_norm: bool,
+}
+
+/// ZeRO-1 AdamW over a DP group (see the module docs).
+#[derive(Debug, Clone)]
+pub struct DistributedOptimizer {
+    config: ZeroConfig,
+    segments: Vec<Segment>,
+    /// `N'`: padded flat length (a multiple of the DP size).
+    padded: usize,
+    dp: usize,
+    dp_rank: usize,
+    /// This rank's range `S_r` of the flat buffer.
+    shard: Range<usize>,
+    /// fp32 master weights of `S_r`.
+    master: Vec<f32>,
+    adam: AdamW,
+    steps: u64,
+}
+
+impl DistributedOptimizer {
+    /// The optimizer of one rank of a [`TpModel`] (its DP group and norm-counting rules come from the model).
+    pub fn new(config: ZeroConfig, adam: AdamWConfig, model: &TpModel) -> Result<Self> {
+        let g = model.groups();
+        DistributedOptimizer::for_params(
+            config,
+            adam,
+            &model.params,
+            g.dp.size(),
+            g.dp.rank(),
+            &|n| model.counts_in_norm(n),
+        )
+    }
+
+    /// The optimizer over any parameter set: `dp_size`/`dp_rank` of the DP group, `counts_in_norm(name)` says
+    /// whether this rank counts the tensor in the global norm.
+    pub fn for_params(
+        config: ZeroConfig,
+        adam: AdamWConfig,
+        params: &Qwen3Params,
+        dp_size: usize,
+        dp_rank: usize,
+        counts_in_norm: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        if dp_size == 0 || dp_rank >= dp_size {
+            return Err(ZeroError::Optim(OptimError::Invalid {
+                key: "dp",
+                reason: format!("rank {dp_rank} of a DP group of {dp_size}"),
+            }));
+        }
+        if !(config.weight_decay >= 0.0 && config.weight_decay.is_finite()) {
+            return Err(ZeroError::Optim(OptimError::Invalid {
+                key: "weight_decay",
+                reason: format!("must be a finite number >= 0, got {}", config.weight_decay),
+            }));
+        }
+        let mut segments = Vec::new();
+        let mut off = 0;
+        params.visit(&mut |name, t| {
+            let n = t.elem_count();
+            segments.push(Segment {
+                counts_in_norm: counts_in_norm(&name),
+                weight_decay: if decays(t.shape()) {
+                    config.weight_decay
+                } else {
+                    0.0
+                },
+                name,
+                shape: t.shape().to_vec(),
+                range: off..off + n,
+            });
+            off += n;
+        });
+        let padded = off.div_ceil(dp_size) * dp_size;
+        let shard = chunk_range(padded, dp_size, dp_rank);
+        let mut opt = DistributedOptimizer {
+            config,
+            segments,
+            padded,
+            dp: dp_size,
+            dp_rank,
+            shard,
+            master: Vec::new(),
+            adam: AdamW::new(adam)?,
+            steps: 0,
+        };
+        let named = params.to_named();
+        opt.master = opt.flatten(&|name| Ok(named.get(name).cloned()))?[opt.shard.clone()].to_vec();
+        Ok(opt)
+    }
+
+    /// This rank's range of the flat buffer and the flat (padded) length.
+    pub fn shard_range(&self) -> (Range<usize>, usize) {
+        (self.shard.clone(), self.padded)
+    }
+
+    /// `(name, range in the flat buffer)` of every parameter, in layout order (for checkpoints: a rank's pieces
+    /// are the intersections with [`shard_range`](Self::shard_range)).
+    pub fn layout(&self) -> impl Iterator<Item = (&str, Range<usize>)> {
+        self.segments
+            .iter()
+            .map(|s| (s.name.as_str(), s.range.clone()))
+    }
+
+    /// The fp32 master weights of this rank's shard. The optimizer owns them: parameters changed behind its back
+    /// (e.g. a checkpoint load) need a new optimizer.
+    pub fn master_shard(&self) -> &[f32] {
+        &self.master
+    }
+
+    /// AdamW states of this rank's pieces (name → state of the piece), for checkpoints.
+    pub fn shard_states(&self) -> impl Iterator<Item = (&str, &AdamWState)> {
+        self.adam.states().iter().map(|(n, s)| (n.as_str(), s))
+    }
+
+    /// Optimizer steps taken (skipped steps excluded).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Flat, padded buffer of `get(name)` in layout order (shapes checked).
+    fn flatten(&self, get: &dyn Fn(&str) -> Result<Option<qkernels::Tensor>>) -> Result<Vec<f32>> {
+        let mut flat = vec![0f32; self.padded];
+        for s in &self.segments {
+            let t = get(&s.name)?.ok_or_else(|| ZeroError::MissingGrad {
+                name: s.name.clone(),
+            })?;
+            if t.shape() != s.shape.as_slice() {
+                return Err(ZeroError::GradShape {
+                    name: s.name.clone(),
+                    expected: s.shape.clone(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            flat[s.range.clone()].copy_from_slice(&t.to_vec_f32()?);
+        }
+        Ok(flat)
+    }
+
+    /// One step on a [`TpModel`]: its DP group reduces the gradients, its TP group joins the norm.
+    pub fn step(
+        &mut self,
+        model: &mut TpModel,
+        grads: &NamedTensors,
+        lr: f64,
+    ) -> Result<StepStats> {
+        let (params, groups) = model.params_and_groups_mut();
+        self.step_with(params, grads, lr, &*groups.dp, &[&*groups.tp])
+    }
+
+    /// One step over explicit groups: `dp` reduces the gradients and holds the shards; the partial sums of
+    /// squares are all-reduced over `dp` and then over every group of `norm_groups` (the model-parallel groups
+    /// whose ranks hold different parts of the model). Collective over all of them.
+    pub fn step_with(
+        &mut self,
+        params: &mut Qwen3Params,
+        grads: &NamedTensors,
+        lr: f64,
+        dp: &dyn Communicator,
+        norm_groups: &[&dyn Communicator],
+    ) -> Result<StepStats> {
+        if dp.size() != self.dp || dp.rank() != self.dp_rank {
+            return Err(ZeroError::Optim(OptimError::Invalid {
+                key: "dp",
+                reason: format!(
+                    "communicator is rank {} of {}, the optimizer was built for rank {} of {}",
+                    dp.rank(),
+                    dp.size(),
+                    self.dp_rank,
+                    self.dp
+                ),
+            }));
+        }
+        // 1. Reduce-scatter the gradients into this rank's shard.
+        let flat = self.flatten(&|n| Ok(grads.get(n).cloned()))?;
+        let mut g = vec![0f32; self.shard.len()];
+        if self.dp == 1 {
+            g.copy_from_slice(&flat);
+        } else {
+            dp.reduce_scatter(&flat, &mut g, ReduceOp::Sum)?;
+        }
+        // 2. Global norm: each element of the model counted once.
+        let pieces = self.pieces();
+        let sumsq: f64 = pieces
+            .iter()
+            .filter(|(si, _)| self.segments[*si].counts_in_norm)
+            .map(|(_, r)| {
+                g[r.clone()]
+                    .iter()
+                    .map(|&x| (x as f64) * (x as f64))
+                    .sum::<f64>()
+            })
+            .sum();
+        let mut total = [sumsq as f32];
+        for c in std::iter::once(dp).chain(norm_groups.iter().copied()) {
+            if c.size() > 1 {
+                c.all_reduce(&mut total, ReduceOp::Sum)?;
+            }
+        }
+        let grad_norm = (total[0] as f64).sqrt();
+        if !grad_norm.is_finite() {
+            return Ok(StepStats {
+                grad_norm,
+                clip_coef: 1.0,
+                skipped: true,
+            });
+        }
+        let clip_coef = self
+            .config
+            .max_grad_norm
+            .map_or(1.0, |m| clip_coefficient(grad_norm, m));
+        if clip_coef != 1.0 {
+            g.iter_mut().for_each(|x| *x *= clip_coef);
+        }
+        // 3. AdamW on the pieces of this shard.
+        let mut slots = Vec::with_capacity(pieces.len());
+        let mut rest: &mut [f32] = &mut self.master;
+        let mut cursor = 0;
+        for (si, r) in &pieces {
+            let seg = &self.segments[*si];
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - cursor);
+            let (piece, tail) = tail.split_at_mut(r.len());
+            rest = tail;
+            cursor = r.end;
+            slots.push(ParamSlot {
+                name: &seg.name,
+                param: piece,
+                grad: &g[r.clone()],
+                weight_decay: seg.weight_decay,
+            });
+        }
+        self.adam.step(lr, &mut slots)?;
+        drop(slots);
+        // 4. All-gather the updated shards into every rank's parameters.
+        let mut full = vec![0f32; self.padded];
+        if self.dp == 1 {
+            full.copy_from_slice(&self.master);
+        } else {
+            dp.all_gather(&self.master, &mut full)?;
+        }
+        let mut k = 0;
+        let mut err = None;
+        params.visit_mut(&mut |name, t| {
+            let Some(seg) = self
+                .segments
+                .get(k)
+                .filter(|s| s.name == name && s.shape == t.shape())
+            else {
+                err.get_or_insert(ZeroError::Layout { name });
+                return;
+            };
+            match qkernels::Tensor::from_f32(
+                full[seg.range.clone()].to_vec(),
+                &seg.shape,
+                &t.device(),
+            ) {
+                Ok(v) => *t = v,
+                Err(e) => {
+                    err.get_or_insert(e.into());
+                }
+            }
+            k += 1;
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        self.steps += 1;
+        Ok(StepStats {
+            grad_norm,
+            clip_coef,
+            skipped: false,
+        })
+    }
+
+    /// `(segment index, range relative to the shard)` of every parameter piece inside this rank's shard, in order.
+    fn pieces(&self) -> Vec<(usize, Range<usize>)> {
+        let (s, e) = (self.shard.start, self.shard.end);
+        self.segments
+            .iter()
+            .enumerate()
+            .filter_map(|(i, seg)| {
+                let lo = seg.range.start.max(s);
+                let hi = seg.range.end.min(e);
+                (lo < hi).then(|| (i, lo - s..hi - s))
+            })
+            .collect()
+    }
+}

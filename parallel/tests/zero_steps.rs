@@ -1,0 +1,310 @@
+//! ZeRO-1 distributed optimizer against a single-rank AdamW: 3 optimizer steps (with global grad-norm clipping
+//! active) from the same full weights must give the single-rank losses within 1e-5 relative at every step, and the
+//! same final parameters (gathered back to the HF layout) within 1e-4.
+//!
+//! The reference is built from `optim`'s pieces directly (`clip_grad_norm` over every gradient, `AdamW::step` over
+//! every full parameter), not from the distributed optimizer with one rank.
+
+mod tp_support;
+
+use qparallel::model::{NamedTensors, Qwen3Model};
+use qparallel::optim::{AdamW, AdamWConfig, ParamSlot, clip_grad_norm, decays};
+use qparallel::tensor_parallel::{ParallelGroups, TpModel, split_batch_rows};
+use qparallel::zero::{DistributedOptimizer, ZeroConfig};
+use tp_support::{Layout, batch, fixture_model, rel, rel_err, run_ranks};
+
+const STEPS: usize = 3;
+const LR: f64 = 1e-2;
+/// Small enough that every step clips (the tiny models' gradient norms are O(1)).
+const MAX_NORM: f64 = 0.5;
+const WD: f64 = 0.1;
+
+fn zero_config() -> ZeroConfig {
+    ZeroConfig {
+        weight_decay: WD,
+        max_grad_norm: Some(MAX_NORM),
+    }
+}
+
+/// Single-rank training: `(loss, pre-clip grad norm)` per step and the final parameters by name.
+fn reference(full: &Qwen3Model) -> (Vec<(f64, f64)>, NamedTensors) {
+    let mut model = full.clone();
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let mut out = Vec::new();
+    for step in 0..STEPS {
+        let b = batch(model.config.vocab_size, 100 + step as u64);
+        let res = model.forward_backward(&b).unwrap();
+        let mut grads: Vec<(String, Vec<f32>)> = res
+            .grads
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_vec_f32().unwrap()))
+            .collect();
+        let norm = {
+            let mut views: Vec<&mut [f32]> =
+                grads.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
+            clip_grad_norm(&mut views, MAX_NORM)
+        };
+        let mut params: Vec<(String, Vec<usize>, Vec<f32>)> = model
+            .params
+            .named()
+            .into_iter()
+            .map(|(n, t)| (n, t.shape().to_vec(), t.to_vec_f32().unwrap()))
+            .collect();
+        let mut slots: Vec<ParamSlot<'_>> = params
+            .iter_mut()
+            .map(|(n, shape, p)| {
+                let g = &grads.iter().find(|(gn, _)| gn == n).unwrap().1;
+                ParamSlot {
+                    name: n.as_str(),
+                    param: p.as_mut_slice(),
+                    grad: g.as_slice(),
+                    weight_decay: if decays(shape) { WD } else { 0.0 },
+                }
+            })
+            .collect();
+        opt.step(LR, &mut slots).unwrap();
+        drop(slots);
+        let mut k = 0;
+        model.params.visit_mut(&mut |_, t| {
+            let (_, shape, data) = &params[k];
+            *t = qkernels::Tensor::from_f32(data.clone(), shape, &t.device()).unwrap();
+            k += 1;
+        });
+        out.push((res.loss, norm));
+    }
+    (out, model.params.to_named())
+}
+
+/// The same 3 steps on `layout` with the distributed optimizer; rank 0's `(loss, grad norm)` per step and the
+/// final full parameters.
+fn distributed(full: &Qwen3Model, layout: Layout) -> (Vec<(f64, f64)>, NamedTensors) {
+    let dims = layout.dims();
+    let cfg = &full.config;
+    let mut results = run_ranks(layout.world(), |rank, world| {
+        let groups = ParallelGroups::new(&world, &dims, cfg).unwrap();
+        let mut model = TpModel::from_full(cfg, &full.params, dims, rank, groups).unwrap();
+        let mut opt =
+            DistributedOptimizer::new(zero_config(), AdamWConfig::default(), &model).unwrap();
+        // Each DP rank holds about 1/dp of the flat buffer.
+        let (shard, padded) = opt.shard_range();
+        assert_eq!(shard.len() * dims.dp(), padded);
+        let mut out = Vec::new();
+        for step in 0..STEPS {
+            let global = batch(cfg.vocab_size, 100 + step as u64);
+            let local = split_batch_rows(&global, dims.dp(), model.dp_rank()).unwrap();
+            let res = model.forward_backward(&local).unwrap();
+            let stats = opt.step(&mut model, &res.grads, LR).unwrap();
+            assert!(!stats.skipped);
+            assert!(
+                stats.clip_coef < 1.0,
+                "step {step}: clipping should be active"
+            );
+            out.push((res.loss, stats.grad_norm));
+        }
+        assert_eq!(opt.steps(), STEPS as u64);
+        (out, model.gather_full_params().unwrap().to_named())
+    });
+    results.swap_remove(0)
+}
+
+fn check(fixture: &str, layouts: &[Layout]) {
+    let full = fixture_model(fixture);
+    let (want, want_params) = reference(&full);
+    for &layout in layouts {
+        let (got, params) = distributed(&full, layout);
+        for (step, ((l, n), (wl, wn))) in got.iter().zip(&want).enumerate() {
+            println!(
+                "{fixture} {layout} step {step}: loss {l:.8} vs {wl:.8} (rel {:.2e}), grad norm {n:.6} vs {wn:.6}",
+                rel(*l, *wl)
+            );
+            assert!(
+                rel(*l, *wl) < 1e-5,
+                "{fixture} {layout} step {step}: loss {l} vs {wl}"
+            );
+            assert!(
+                rel(*n, *wn) < 1e-5,
+                "{fixture} {layout} step {step}: norm {n} vs {wn}"
+            );
+        }
+        let mut worst = (0.0f64, String::new());
+        for (name, p) in &params {
+            let e = rel_err(
+                &p.to_vec_f32().unwrap(),
+                &want_params[name].to_vec_f32().unwrap(),
+            );
+            if e > worst.0 {
+                worst = (e, name.clone());
+            }
+        }
+        println!(
+            "{fixture} {layout}: final parameters, worst rel err {:.2e} ({})",
+            worst.0, worst.1
+        );
+        assert!(
+            worst.0 < 1e-4,
+            "{fixture} {layout}: parameter {} rel err {:.2e}",
+            worst.1,
+            worst.0
+        );
+        // Training moved the parameters (the test would be vacuous otherwise).
+        let moved = rel_err(
+            &params["model.norm.weight"].to_vec_f32().unwrap(),
+            &full.params.norm.to_vec_f32().unwrap(),
+        );
+        assert!(
+            moved > 1e-3,
+            "{fixture} {layout}: parameters barely moved ({moved:.2e})"
+        );
+    }
+}
+
+#[test]
+fn zero1_dense_matches_single_rank_adamw() {
+    check(
+        "dense_tied",
+        &[
+            Layout::new(2, 1, false),
+            Layout::new(2, 2, false),
+            Layout::new(2, 2, true),
+        ],
+    );
+}
+
+#[test]
+fn zero1_dense_untied_tp4_kv_replicated_matches_single_rank_adamw() {
+    check(
+        "dense_untied",
+        &[Layout::new(2, 2, false), Layout::new(1, 4, true)],
+    );
+}
+
+#[test]
+fn zero1_moe_matches_single_rank_adamw() {
+    check(
+        "moe_norm_topk",
+        &[Layout::new(2, 1, false), Layout::new(2, 2, true)],
+    );
+}
+
+/// Uneven flat length (padding), four DP ranks with *different* gradients (so the reduce-scatter sums real
+/// data), parameters straddling shard boundaries: two steps equal AdamW on the summed full gradient. A non-finite
+/// gradient skips the step on every rank and changes nothing.
+#[test]
+fn zero1_uneven_shards_and_skipped_step() {
+    use qkernels::{Device, Tensor};
+    use qparallel::model::{ModelConfig, Qwen3Params};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    let cfg = ModelConfig::from_json_value(
+        &serde_json::json!({
+            "model_type": "qwen3", "vocab_size": 11, "hidden_size": 6, "intermediate_size": 5,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 3,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false
+        }),
+        "odd",
+    )
+    .unwrap();
+    let params = Qwen3Params::random(&cfg, 1, 0.3, &Device::Cpu).unwrap();
+    let dp = 4; // 354 values: padded to 356
+    let grads_of = |rank: usize, step: usize, poison: bool| -> NamedTensors {
+        let mut rng = StdRng::seed_from_u64((rank * 10 + step) as u64);
+        params
+            .named()
+            .into_iter()
+            .map(|(n, t)| {
+                let mut v: Vec<f32> = (0..t.elem_count())
+                    .map(|_| rng.random::<f32>() - 0.5)
+                    .collect();
+                if poison && n == "model.norm.weight" {
+                    v[0] = f32::NAN;
+                }
+                (n, Tensor::from_f32(v, t.shape(), &Device::Cpu).unwrap())
+            })
+            .collect()
+    };
+    let cfgz = ZeroConfig {
+        weight_decay: WD,
+        max_grad_norm: Some(1.0),
+    };
+
+    // Reference: AdamW on Σ_ranks grads, clipped.
+    let mut want: Vec<(String, Vec<usize>, Vec<f32>)> = params
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), t.to_vec_f32().unwrap()))
+        .collect();
+    let mut adam = AdamW::new(AdamWConfig::default()).unwrap();
+    for step in 0..2 {
+        let per_rank: Vec<NamedTensors> = (0..dp).map(|r| grads_of(r, step, false)).collect();
+        let mut sums: Vec<Vec<f32>> = want
+            .iter()
+            .map(|(n, _, _)| {
+                let mut s = per_rank[0][n].to_vec_f32().unwrap();
+                for g in &per_rank[1..] {
+                    for (a, b) in s.iter_mut().zip(g[n].to_vec_f32().unwrap()) {
+                        *a += b;
+                    }
+                }
+                s
+            })
+            .collect();
+        let mut views: Vec<&mut [f32]> = sums.iter_mut().map(|v| v.as_mut_slice()).collect();
+        clip_grad_norm(&mut views, 1.0);
+        let mut slots: Vec<ParamSlot<'_>> = want
+            .iter_mut()
+            .zip(&sums)
+            .map(|((n, shape, p), g)| ParamSlot {
+                name: n.as_str(),
+                param: p.as_mut_slice(),
+                grad: g.as_slice(),
+                weight_decay: if decays(shape) { WD } else { 0.0 },
+            })
+            .collect();
+        adam.step(LR, &mut slots).unwrap();
+    }
+
+    let results = run_ranks(dp, |rank, world| {
+        let mut p = params.clone();
+        let mut opt =
+            DistributedOptimizer::for_params(cfgz, AdamWConfig::default(), &p, dp, rank, &|_| true)
+                .unwrap();
+        let (shard, padded) = opt.shard_range();
+        let n: usize = params.named().iter().map(|(_, t)| t.elem_count()).sum();
+        assert!(
+            padded > n && padded % dp == 0,
+            "padding exercised: {n} -> {padded}"
+        );
+        assert_eq!(shard.len(), padded / dp);
+        for step in 0..2 {
+            let s = opt
+                .step_with(&mut p, &grads_of(rank, step, false), LR, &world, &[])
+                .unwrap();
+            assert!(s.clip_coef < 1.0 && !s.skipped);
+        }
+        let before = p.to_named();
+        let s = opt
+            .step_with(&mut p, &grads_of(rank, 9, rank == 1), LR, &world, &[])
+            .unwrap();
+        assert!(s.skipped && s.grad_norm.is_nan(), "{s:?}");
+        for (name, t) in p.named() {
+            assert_eq!(
+                t.to_vec_f32().unwrap(),
+                before[&name].to_vec_f32().unwrap(),
+                "{name}"
+            );
+        }
+        assert_eq!(opt.steps(), 2);
+        p.named()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_vec_f32().unwrap()))
+            .collect::<Vec<_>>()
+    });
+    for got in results {
+        for ((n, g), (wn, _, w)) in got.iter().zip(&want) {
+            assert_eq!(n, wn);
+            let e = rel_err(g, w);
+            assert!(e < 1e-6, "{n}: rel err {e:.2e}");
+        }
+    }
+}

@@ -1,0 +1,1143 @@
+//! OpenAI-compatible HTTP server (axum).
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both non-streaming and SSE streaming),
+//! `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text). With an API key configured, the `/v1/*`
+//! routes require `Authorization: Bearer KEY`; `/health` and `/metrics` stay open.
+//!
+//! Errors always come back as JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad
+//! requests (400 malformed / out of range / too long, 401 bad key, 404 unknown model or route) and 500 for engine
+//! failures; a connection is never dropped without an answer.
+//!
+//! Streaming follows OpenAI's chunk format: `data: {json}\n\n` events (`chat.completion.chunk`: a first chunk
+//! with `delta.role`, then `delta.content` pieces, then an empty delta with `finish_reason`; with
+//! `stream_options.include_usage` a last chunk with `choices: []` and `usage`), closed by `data: [DONE]`. The
+//! body stream owns the engine's event receiver, so a client that disconnects drops it and the engine frees the
+//! sequence's KV blocks at its next step.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use qkernels::Device;
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::engine::{
+    Engine, EngineConfig, EngineCore, EngineError, Event, FinishReason, InferenceModel,
+    SamplingParams,
+};
+use crate::metrics::Metrics;
+use crate::reasoning::{ReasoningSplitter, Split};
+use crate::text::{TextCodec, TextError};
+
+/// What [`serve`] needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// HF model dir: `config.json`, safetensors, `tokenizer.json`, `tokenizer_config.json`.
+    pub model_dir: PathBuf,
+    /// Address to bind; port 0 picks a free one (see [`ServerHandle::local_addr`]).
+    pub listen: SocketAddr,
+    /// Only `Device::Cpu` is supported for now.
+    pub device: Device,
+    /// Require `Authorization: Bearer <key>` on `/v1/*`.
+    pub api_key: Option<String>,
+    /// Model id reported by `/v1/models` and accepted in requests; default: the model dir's name.
+    pub served_model_name: Option<String>,
+    /// Cache and scheduler settings.
+    pub engine: EngineConfig,
+    /// Split chat answers into `reasoning_content` and `content` at Qwen3's `</think>` (vLLM's
+    /// `--reasoning-parser qwen3`; see [`crate::reasoning`]).
+    pub reasoning_parser: bool,
+}
+
+impl ServeConfig {
+    /// Defaults: `127.0.0.1:8000`, CPU, no API key, default engine settings.
+    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
+        ServeConfig {
+            model_dir: model_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            device: Device::Cpu,
+            api_key: None,
+            served_model_name: None,
+            engine: EngineConfig::default(),
+            reasoning_parser: false,
+        }
+    }
+}
+
+/// Why the server could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("device {0} is not supported by the serving engine yet (use cpu)")]
+    UnsupportedDevice(Device),
+    #[error("the server task failed: {0}")]
+    Join(String),
+}
+
+/// A running server. Dropping it leaves the server running until the runtime ends; call
+/// [`ServerHandle::shutdown`] for a clean stop.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    model: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+    engine: Engine,
+}
+
+impl ServerHandle {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The served model id.
+    pub fn model_name(&self) -> &str {
+        &self.model
+    }
+
+    /// Stops accepting, lets open responses finish, stops the engine.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let engine = self.engine.clone();
+        let r = self.wait().await;
+        tokio::task::spawn_blocking(move || engine.shutdown())
+            .await
+            .map_err(|e| ServeError::Join(e.to_string()))?;
+        r
+    }
+
+    /// Waits until the server stops (after [`shutdown`](Self::shutdown) or an I/O failure).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task
+            .await
+            .map_err(|e| ServeError::Join(e.to_string()))??;
+        Ok(())
+    }
+}
+
+/// Sampling defaults from the model's `generation_config.json` (`temperature`, `top_p`, `top_k`,
+/// `repetition_penalty`), used for fields a request leaves out, as vLLM does; OpenAI's defaults otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationDefaults {
+    /// Reads `dir/generation_config.json`; a missing file or field gives `None`.
+    pub fn from_dir(dir: &std::path::Path) -> Self {
+        let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
+            return Self::default();
+        };
+        let Ok(v) = serde_json::from_str::<Json>(&text) else {
+            return Self::default();
+        };
+        let f = |k: &str| v.get(k).and_then(Json::as_f64).map(|x| x as f32);
+        GenerationDefaults {
+            temperature: f("temperature"),
+            top_p: f("top_p"),
+            top_k: v.get("top_k").and_then(Json::as_i64),
+            repetition_penalty: f("repetition_penalty"),
+        }
+    }
+}
+
+struct AppState {
+    reasoning_parser: bool,
+    defaults: GenerationDefaults,
+    engine: Engine,
+    codec: Arc<TextCodec>,
+    model: String,
+    api_key: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+type Shared = Arc<AppState>;
+
+/// Loads the model and tokenizer, starts the engine thread and the HTTP server; returns once it listens.
+pub async fn serve(config: ServeConfig) -> Result<ServerHandle, ServeError> {
+    if config.device != Device::Cpu {
+        return Err(ServeError::UnsupportedDevice(config.device));
+    }
+    let dir = config.model_dir.clone();
+    let device = config.device;
+    let (model, codec) = tokio::task::spawn_blocking(move || {
+        let model = InferenceModel::from_hf_dir(&dir, device)?;
+        let codec = TextCodec::from_dir(&dir)?;
+        Ok::<_, ServeError>((model, codec))
+    })
+    .await
+    .map_err(|e| ServeError::Join(e.to_string()))??;
+    let codec = Arc::new(codec);
+    let metrics = Arc::new(Metrics::default());
+    let core = EngineCore::new(
+        model,
+        config.engine,
+        codec.eos_ids().to_vec(),
+        Some(codec.clone()),
+        metrics.clone(),
+    )?;
+    let engine = Engine::start(core, metrics.clone());
+    let name = config.served_model_name.clone().unwrap_or_else(|| {
+        config
+            .model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let state = Arc::new(AppState {
+        reasoning_parser: config.reasoning_parser,
+        defaults: GenerationDefaults::from_dir(&config.model_dir),
+        engine: engine.clone(),
+        codec,
+        model: name.clone(),
+        api_key: config.api_key.clone(),
+        metrics,
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, model = %name, "serving");
+    Ok(ServerHandle {
+        addr,
+        model: name,
+        stop: Some(stop),
+        task,
+        engine,
+    })
+}
+
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Errors
+
+/// An OpenAI-style error response.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+        }
+    }
+
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    fn body(&self) -> Json {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body().to_string();
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidRequest(m) if m.contains("maximum context length") => {
+                ApiError::bad_request(m, Some("messages")).with_code("context_length_exceeded")
+            }
+            EngineError::InvalidRequest(m) => ApiError::bad_request(m, None),
+            other => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such route".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_found"),
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "method not allowed on this route".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
+    }
+}
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// Reads the body, answering 413 in JSON when it exceeds [`MAX_BODY_BYTES`].
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "request body too large or unreadable (limit {MAX_BODY_BYTES} bytes): {e}"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+        })
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &state.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "invalid or missing API key".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        })
+    }
+}
+
+/// Counts the request, and the error if any, then renders.
+fn finish(state: &AppState, r: Result<Response, ApiError>) -> Response {
+    state.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
+    match r {
+        Ok(resp) => resp,
+        Err(e) => {
+            state
+                .metrics
+                .request_errors_total
+                .fetch_add(1, Ordering::Relaxed);
+            e.into_response()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Requests
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+    name: Option<String>,
+    tool_calls: Option<minijinja::Value>,
+    tool_call_id: Option<String>,
+    reasoning_content: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Deserialize)]
+struct SamplingFields {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    n: Option<u32>,
+    stop: Option<Stop>,
+    seed: Option<u64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    stop_token_ids: Option<Vec<u32>>,
+    ignore_eos: Option<bool>,
+    logprobs: Option<Json>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    tools: Option<minijinja::Value>,
+    chat_template_kwargs: Option<serde_json::Map<String, Json>>,
+    add_generation_prompt: Option<bool>,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Prompt,
+    echo: Option<bool>,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), None))
+}
+
+fn check_model(state: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != &state.model => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                state.model
+            ),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl SamplingFields {
+    fn to_params(
+        &self,
+        prompt_len: usize,
+        max_model_len: usize,
+        defaults: &GenerationDefaults,
+    ) -> Result<SamplingParams, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|l| !(l.is_null() || l == &Json::Bool(false)))
+        {
+            return Err(ApiError::bad_request(
+                "logprobs are not supported",
+                Some("logprobs"),
+            ));
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            Some(0) => {
+                return Err(ApiError::bad_request(
+                    "max_tokens must be at least 1",
+                    Some("max_tokens"),
+                ));
+            }
+            Some(m) => m as usize,
+            None => max_model_len.saturating_sub(prompt_len).max(1),
+        };
+        let top_k = match self.top_k.or(defaults.top_k) {
+            None => 0,
+            Some(k) if k <= 0 => 0, // -1 / 0: off (vLLM)
+            Some(k) => k as usize,
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        let p = SamplingParams {
+            temperature: self.temperature.or(defaults.temperature).unwrap_or(1.0),
+            top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
+            top_k,
+            repetition_penalty: self
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            seed: self.seed,
+            max_tokens,
+            stop,
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        };
+        p.validate().map_err(|m| {
+            let param = m.split_whitespace().next().and_then(|f| {
+                [
+                    "temperature",
+                    "top_p",
+                    "repetition_penalty",
+                    "presence_penalty",
+                    "frequency_penalty",
+                    "max_tokens",
+                ]
+                .into_iter()
+                .find(|&k| k == f)
+            });
+            ApiError::bad_request(m, param)
+        })?;
+        Ok(p)
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+fn message_value(m: &ChatMessage) -> Result<minijinja::Value, ApiError> {
+    if !["system", "user", "assistant", "tool", "developer"].contains(&m.role.as_str()) {
+        return Err(ApiError::bad_request(
+            format!("unknown message role `{}`", m.role),
+            Some("messages"),
+        ));
+    }
+    let content = match &m.content {
+        None => None,
+        Some(Content::Text(t)) => Some(t.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut s = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => s.push_str(t),
+                    (k, _) => {
+                        return Err(ApiError::bad_request(
+                            format!("content part type `{k}` is not supported"),
+                            Some("messages"),
+                        ));
+                    }
+                }
+            }
+            Some(s)
+        }
+    };
+    let role = if m.role == "developer" {
+        "system"
+    } else {
+        m.role.as_str()
+    };
+    let mut entries: Vec<(&str, minijinja::Value)> = vec![
+        ("role", role.into()),
+        (
+            "content",
+            content
+                .map(minijinja::Value::from)
+                .unwrap_or(minijinja::Value::from(())),
+        ),
+    ];
+    if let Some(n) = &m.name {
+        entries.push(("name", n.clone().into()));
+    }
+    if let Some(t) = &m.tool_calls {
+        entries.push(("tool_calls", t.clone()));
+    }
+    if let Some(t) = &m.tool_call_id {
+        entries.push(("tool_call_id", t.clone().into()));
+    }
+    if let Some(r) = &m.reasoning_content {
+        entries.push(("reasoning_content", r.clone().into()));
+    }
+    Ok(minijinja::Value::from_iter(entries))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Handlers
+
+/// 200 while the engine thread runs, 503 once it has stopped.
+async fn health(State(st): State<Shared>) -> Response {
+    if st.engine.is_running() {
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"ok"}"#,
+        )
+            .into_response()
+    } else {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the inference engine has stopped".into(),
+            kind: "server_error",
+            param: None,
+            code: Some("engine_stopped"),
+        }
+        .into_response()
+    }
+}
+
+async fn metrics(State(st): State<Shared>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+}
+
+async fn models(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let r = authorize(&st, &headers).map(|()| {
+        axum::Json(json!({
+            "object": "list",
+            "data": [{
+                "id": st.model,
+                "object": "model",
+                "created": now_secs(),
+                "owned_by": "qcluster",
+                "max_model_len": st.engine.limits().max_model_len,
+            }]
+        }))
+        .into_response()
+    });
+    finish(&st, r)
+}
+
+/// Which OpenAI object family a generation answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Completion,
+}
+
+/// One accepted generation, ready to be answered.
+struct Job {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    rx: UnboundedReceiver<Event>,
+    include_usage: bool,
+    /// Text to put before the generated text (`echo`).
+    prefix: String,
+    /// Chat only, with the reasoning parser on.
+    reasoning: Option<ReasoningSplitter>,
+}
+
+async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    let r = match read_body(body).await {
+        Ok(body) => chat_job(&st, &headers, &body).await,
+        Err(e) => Err(e),
+    };
+    let r = match r {
+        Ok((job, stream)) => respond(job, stream).await,
+        Err(e) => Err(e),
+    };
+    finish(&st, r)
+}
+
+async fn chat_job(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Job, bool), ApiError> {
+    authorize(st, headers)?;
+    let req: ChatRequest = parse(body)?;
+    check_model(st, &req.model)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(message_value)
+        .collect::<Result<Vec<_>, _>>()?;
+    let kwargs: Vec<(String, minijinja::Value)> = req
+        .chat_template_kwargs
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), minijinja::Value::from_serialize(v)))
+        .collect();
+    let tools = req
+        .tools
+        .as_ref()
+        .filter(|t| !t.is_none() && !t.is_undefined());
+    let text = st
+        .codec
+        .apply_chat_template(
+            &messages,
+            tools,
+            req.add_generation_prompt.unwrap_or(true),
+            &kwargs,
+        )
+        .map_err(|e| match e {
+            TextError::NoChatTemplate => {
+                ApiError::bad_request("this model has no chat template; use /v1/completions", None)
+            }
+            e => ApiError::bad_request(e.to_string(), Some("messages")),
+        })?;
+    let prompt = st
+        .codec
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let params =
+        req.sampling
+            .to_params(prompt.len(), st.engine.limits().max_model_len, &st.defaults)?;
+    let rx = st.engine.submit(prompt, params)?;
+    Ok((
+        Job {
+            api: Api::Chat,
+            id: new_id("chatcmpl"),
+            created: now_secs(),
+            model: st.model.clone(),
+            rx,
+            include_usage: req.sampling.include_usage(),
+            prefix: String::new(),
+            reasoning: st.reasoning_parser.then(ReasoningSplitter::default),
+        },
+        req.sampling.stream.unwrap_or(false),
+    ))
+}
+
+async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    let r = match read_body(body).await {
+        Ok(body) => completion_job(&st, &headers, &body).await,
+        Err(e) => Err(e),
+    };
+    let r = match r {
+        Ok((job, stream)) => respond(job, stream).await,
+        Err(e) => Err(e),
+    };
+    finish(&st, r)
+}
+
+async fn completion_job(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Job, bool), ApiError> {
+    authorize(st, headers)?;
+    let req: CompletionRequest = parse(body)?;
+    check_model(st, &req.model)?;
+    let (prompt, prompt_text) = match &req.prompt {
+        Prompt::Text(t) => (
+            st.codec
+                .encode(t)
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+            t.clone(),
+        ),
+        Prompt::Texts(v) if v.len() == 1 => (
+            st.codec
+                .encode(&v[0])
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+            v[0].clone(),
+        ),
+        Prompt::Texts(_) => {
+            return Err(ApiError::bad_request(
+                "only one prompt per request is supported",
+                Some("prompt"),
+            ));
+        }
+        Prompt::Ids(ids) => (ids.clone(), st.codec.decode(ids, false).unwrap_or_default()),
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+    }
+    let params =
+        req.sampling
+            .to_params(prompt.len(), st.engine.limits().max_model_len, &st.defaults)?;
+    let rx = st.engine.submit(prompt, params).map_err(|e| {
+        let mut e = ApiError::from(e);
+        if e.param == Some("messages") {
+            e.param = Some("prompt");
+        }
+        e
+    })?;
+    Ok((
+        Job {
+            api: Api::Completion,
+            id: new_id("cmpl"),
+            created: now_secs(),
+            model: st.model.clone(),
+            rx,
+            include_usage: req.sampling.include_usage(),
+            prefix: if req.echo.unwrap_or(false) {
+                prompt_text
+            } else {
+                String::new()
+            },
+            reasoning: None,
+        },
+        req.sampling.stream.unwrap_or(false),
+    ))
+}
+
+fn usage(prompt: usize, completion: usize) -> Json {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+async fn respond(job: Job, stream: bool) -> Result<Response, ApiError> {
+    if stream {
+        Ok(sse(job))
+    } else {
+        collect(job).await
+    }
+}
+
+/// Non-streaming answer: waits for the end of the generation.
+async fn collect(mut job: Job) -> Result<Response, ApiError> {
+    let mut text = job.prefix.clone();
+    loop {
+        match job.rx.recv().await {
+            Some(Event::Delta { text: t, .. }) => text.push_str(&t),
+            Some(Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+                error,
+            }) => {
+                if reason == FinishReason::Abort {
+                    return Err(ApiError::internal(
+                        error.unwrap_or_else(|| "generation aborted".into()),
+                    ));
+                }
+                let message = match &job.reasoning {
+                    Some(_) => {
+                        let sp = ReasoningSplitter::split(&text);
+                        let r = (!sp.reasoning.is_empty()).then_some(sp.reasoning);
+                        json!({"role": "assistant", "content": sp.content, "reasoning_content": r})
+                    }
+                    None => json!({"role": "assistant", "content": text}),
+                };
+                let choice = match job.api {
+                    Api::Chat => json!({
+                        "index": 0,
+                        "message": message,
+                        "logprobs": null,
+                        "finish_reason": reason.as_str(),
+                    }),
+                    Api::Completion => json!({
+                        "index": 0,
+                        "text": text,
+                        "logprobs": null,
+                        "finish_reason": reason.as_str(),
+                    }),
+                };
+                let object = match job.api {
+                    Api::Chat => "chat.completion",
+                    Api::Completion => "text_completion",
+                };
+                return Ok(axum::Json(json!({
+                    "id": job.id,
+                    "object": object,
+                    "created": job.created,
+                    "model": job.model,
+                    "choices": [choice],
+                    "usage": usage(prompt_tokens, completion_tokens),
+                }))
+                .into_response());
+            }
+            None => return Err(ApiError::internal("the engine stopped")),
+        }
+    }
+}
+
+/// State of one SSE stream.
+struct SseState {
+    job: Job,
+    out: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl SseState {
+    fn event(&mut self, v: Json) {
+        self.out.push_back(Bytes::from(format!("data: {v}\n\n")));
+    }
+
+    fn chunk(&mut self, delta_or_text: Json, finish: Option<&str>) {
+        let j = &self.job;
+        let (object, choice) = match j.api {
+            Api::Chat => (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish}),
+            ),
+            Api::Completion => (
+                "text_completion",
+                json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish}),
+            ),
+        };
+        let v = json!({
+            "id": j.id, "object": object, "created": j.created, "model": j.model, "choices": [choice],
+        });
+        self.event(v);
+    }
+
+    fn text(&mut self, t: String) {
+        match self.job.api {
+            Api::Chat => match self.job.reasoning.as_mut() {
+                Some(sp) => {
+                    let out = sp.push(&t);
+                    self.split(out);
+                }
+                None => self.chunk(json!({"content": t}), None),
+            },
+            Api::Completion => self.chunk(json!(t), None),
+        }
+    }
+
+    fn split(&mut self, out: Split) {
+        if !out.reasoning.is_empty() {
+            self.chunk(json!({"reasoning_content": out.reasoning}), None);
+        }
+        if !out.content.is_empty() {
+            self.chunk(json!({"content": out.content}), None);
+        }
+    }
+
+    fn on_event(&mut self, ev: Option<Event>) {
+        match ev {
+            Some(Event::Delta { text, .. }) => {
+                if !text.is_empty() {
+                    self.text(text);
+                }
+            }
+            Some(Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+                error,
+            }) => {
+                if reason == FinishReason::Abort {
+                    let e =
+                        ApiError::internal(error.unwrap_or_else(|| "generation aborted".into()));
+                    self.event(e.body());
+                } else {
+                    if let Some(out) = self.job.reasoning.as_mut().map(ReasoningSplitter::finish) {
+                        self.split(out);
+                    }
+                    let empty = match self.job.api {
+                        Api::Chat => json!({}),
+                        Api::Completion => json!(""),
+                    };
+                    self.chunk(empty, Some(reason.as_str()));
+                    if self.job.include_usage {
+                        let j = &self.job;
+                        let object = match j.api {
+                            Api::Chat => "chat.completion.chunk",
+                            Api::Completion => "text_completion",
+                        };
+                        let v = json!({
+                            "id": j.id, "object": object, "created": j.created, "model": j.model,
+                            "choices": [], "usage": usage(prompt_tokens, completion_tokens),
+                        });
+                        self.event(v);
+                    }
+                }
+                self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                self.done = true;
+            }
+            None => {
+                self.event(ApiError::internal("the engine stopped").body());
+                self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                self.done = true;
+            }
+        }
+    }
+}
+
+fn sse(job: Job) -> Response {
+    let mut st = SseState {
+        job,
+        out: VecDeque::new(),
+        done: false,
+    };
+    match st.job.api {
+        Api::Chat => st.chunk(json!({"role": "assistant", "content": ""}), None),
+        Api::Completion => {
+            if !st.job.prefix.is_empty() {
+                let p = st.job.prefix.clone();
+                st.text(p);
+            }
+        }
+    }
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(b) = st.out.pop_front() {
+                return Some((Ok::<Bytes, Infallible>(b), st));
+            }
+            if st.done {
+                return None;
+            }
+            let ev = st.job.rx.recv().await;
+            st.on_event(ev);
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(json: &str) -> SamplingFields {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn generation_config_fills_what_the_request_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": [1]}"#,
+        )
+        .unwrap();
+        let d = GenerationDefaults::from_dir(dir.path());
+        assert_eq!(d.temperature, Some(0.6));
+        assert_eq!(d.top_k, Some(20));
+        assert_eq!(d.repetition_penalty, None);
+        let p = fields(r#"{"max_tokens": 3}"#)
+            .to_params(5, 100, &d)
+            .unwrap();
+        assert_eq!((p.temperature, p.top_p, p.top_k), (0.6, 0.95, 20));
+        assert_eq!(p.max_tokens, 3);
+        let p = fields(r#"{"temperature": 0, "top_k": -1}"#)
+            .to_params(5, 100, &d)
+            .unwrap();
+        assert_eq!((p.temperature, p.top_k, p.max_tokens), (0.0, 0, 95));
+        let none = GenerationDefaults::from_dir(&dir.path().join("missing"));
+        assert_eq!(none, GenerationDefaults::default());
+        let p = fields("{}").to_params(5, 100, &none).unwrap();
+        assert_eq!((p.temperature, p.top_p, p.top_k), (1.0, 1.0, 0));
+    }
+
+    #[test]
+    fn stop_accepts_a_string_or_a_list() {
+        let d = GenerationDefaults::default();
+        let p = fields(r#"{"stop": "END"}"#).to_params(1, 10, &d).unwrap();
+        assert_eq!(p.stop, vec!["END".to_string()]);
+        let p = fields(r#"{"stop": ["a", "b"]}"#)
+            .to_params(1, 10, &d)
+            .unwrap();
+        assert_eq!(p.stop.len(), 2);
+    }
+}

@@ -1,0 +1,17 @@
+//! `qserve`: the built-in inference worker (DESIGN.md §5).
+//!
+//! - [`engine`]: Qwen3 / Qwen3-MoE inference on `qkernels` ops with a paged KV cache, continuous batching with
+//!   chunked prefill under a token budget, and sampling;
+//! - [`text`]: `tokenizer.json` through the `tokenizers` crate and the model's Jinja `chat_template` through
+//!   minijinja, rendered as transformers renders it;
+//! - [`http`]: the OpenAI-compatible axum server ([`http::serve`]);
+//! - [`reasoning`]: the opt-in Qwen3 `<think>` parser (`reasoning_content`);
+//! - [`metrics`]: counters, gauges and latency histograms behind `/metrics`.
+
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod reasoning;
+pub mod text;
+
+pub use http::{ServeConfig, ServeError, ServerHandle, serve};
