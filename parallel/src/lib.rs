@@ -5,6 +5,7 @@
 
 pub mod comm;
 pub mod comm_check;
+pub mod comm_check_gpu;
 pub mod data;
 pub mod dims;
 pub mod hf;

@@ -72,9 +72,33 @@ enum Command {
         #[arg(long, default_value = "qcluster-run")]
         run_dir: PathBuf,
     },
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /health, /metrics).
+    Serve(ServeArgs),
     /// Run one rank (started by a worker).
     #[command(hide = true)]
     Rank,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// HF model directory (config.json, safetensors, tokenizer.json, tokenizer_config.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// `cpu` (CUDA serving is not available yet).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "QCLUSTER_API_KEY")]
+    api_key: Option<String>,
+    /// Model id clients use (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Return Qwen3's think block as `reasoning_content` (like vLLM's --reasoning-parser qwen3).
+    #[arg(long)]
+    reasoning_parser: bool,
 }
 
 #[derive(clap::Args)]
@@ -116,8 +140,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let out = cli.output;
-        if let Command::Up(args) = cli.command {
-            return up(args, out).await;
+        match cli.command {
+            Command::Up(args) => return up(args, out).await,
+            Command::Serve(args) => return serve(args).await,
+            _ => {}
         }
         // `nodes --wait-alive` may be started before the coordinator (launch scripts): keep trying.
         let mut client = match &cli.command {
@@ -139,11 +165,34 @@ fn main() -> anyhow::Result<()> {
                 }
                 remote::nodes(&mut client, out).await
             }
-            Command::Up(_) | Command::Train(_) | Command::Logits(_) | Command::Launch { .. } | Command::Rank => {
+            Command::Up(_)
+            | Command::Serve(_)
+            | Command::Train(_)
+            | Command::Logits(_)
+            | Command::Launch { .. }
+            | Command::Rank => {
                 unreachable!("handled before the runtime starts")
             }
         }
     })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let device = match args.device.as_str() {
+        "cpu" => qkernels::Device::Cpu,
+        other => anyhow::bail!("--device {other}: only `cpu` serving is available in this build"),
+    };
+    let mut config = qserve::ServeConfig::new(&args.model);
+    config.listen = args.listen;
+    config.device = device;
+    config.api_key = args.api_key;
+    config.served_model_name = args.served_model_name;
+    config.reasoning_parser = args.reasoning_parser;
+    let handle = qserve::serve(config).await?;
+    eprintln!("serving {} on http://{} (OpenAI API under /v1)", handle.model_name(), handle.local_addr());
+    tokio::signal::ctrl_c().await?;
+    handle.shutdown().await?;
+    Ok(())
 }
 
 fn launch(job: &std::path::Path, run_dir: PathBuf) -> anyhow::Result<()> {

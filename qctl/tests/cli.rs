@@ -17,9 +17,15 @@ fn free_port() -> u16 {
 
 #[test]
 fn up_runs_the_quickstart_job_to_success() {
+    // The README's quick start, from the repository root, with its output redirected to a temp dir.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let job = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/jobs/quickstart.yaml");
-    let (ok, stdout, stderr) = run(qctl().args([
+    let out = dir.path().join("out");
+    let yaml = std::fs::read_to_string(root.join("configs/jobs/quickstart.yaml")).unwrap();
+    assert!(yaml.contains("output_dir: output/quickstart"));
+    let job = dir.path().join("quickstart.yaml");
+    std::fs::write(&job, yaml.replace("output_dir: output/quickstart", &format!("output_dir: {}", out.display()))).unwrap();
+    let (ok, stdout, stderr) = run(qctl().current_dir(root).args([
         "up",
         "--listen",
         &format!("127.0.0.1:{}", free_port()),
@@ -32,12 +38,14 @@ fn up_runs_the_quickstart_job_to_success() {
         "--gpus",
         "0",
         "--run",
-        job,
+        job.to_str().unwrap(),
     ]));
     assert!(ok, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("state      Succeeded"), "{stdout}");
-    assert!(stdout.contains("all_reduce.verified = true"), "{stdout}");
-    assert!(stdout.contains("[a1 r3] "), "rank logs are streamed with prefixes: {stdout}");
+    assert!(stdout.contains("final_step = 40"), "{stdout}");
+    assert!(stdout.contains("[a1 r0] step 40/40 loss"), "rank logs are streamed with prefixes: {stdout}");
+    assert!(out.join("checkpoint-40/model.safetensors").exists());
+    assert!(out.join("checkpoint-40/tokenizer.json").exists(), "tokenizer copied, so the checkpoint can be served");
 }
 
 #[test]
@@ -121,4 +129,49 @@ fn launch_without_a_coordinator_over_two_fake_nodes() {
     let v: serde_json::Value = serde_json::from_str(results).unwrap();
     assert_eq!(v["comm_check.ranks"], "4");
     assert_eq!(v["all_reduce.verified"], "true");
+}
+
+/// One HTTP/1.1 request over a plain socket: (status code, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+#[test]
+fn serve_answers_openai_requests() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/models/qwen3-tiny-chat");
+    let port = free_port();
+    let mut child = qctl()
+        .args(["serve", "--model", model, "--listen", &format!("127.0.0.1:{port}"), "--served-model-name", "tiny"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while http(port, "GET", "/health", "").map(|(c, _)| c) != Some(200) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "server did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (code, body) = http(port, "GET", "/v1/models", "").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("\"tiny\""), "{body}");
+    let req = r#"{"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}"#;
+    let (code, body) = http(port, "POST", "/v1/chat/completions", req).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 4, true, "{body}");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let (code, body) = http(port, "POST", "/v1/chat/completions", r#"{"model": "tiny", "messages": "nope"}"#).unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -3,7 +3,7 @@
 
 Usage: python3 serve/python/test_openai_client.py --base-url http://127.0.0.1:8000/v1 --model tiny [--api-key KEY]
 
-Run by serve/tests/openai_python.rs, which starts the server on serve/tests/data/tiny_chat with an API key.
+Run by serve/tests/openai_python.rs, which starts the server on configs/models/qwen3-tiny-chat with an API key.
 Exits non-zero on the first failed check.
 """
 

@@ -1,4 +1,4 @@
-//! The OpenAI-compatible server over real HTTP, on the tiny chat model (serve/tests/data/tiny_chat).
+//! The OpenAI-compatible server over real HTTP, on the tiny chat model (configs/models/qwen3-tiny-chat).
 
 mod common;
 

@@ -84,7 +84,7 @@ fn chat_template_renders_like_transformers() {
 
 #[test]
 fn eos_ids_come_from_the_model_dir() {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny_chat");
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/models/qwen3-tiny-chat");
     let codec = TextCodec::from_dir(&model).unwrap();
     let im_end = codec.encode("<|im_end|>").unwrap();
     let eot = codec.encode("<|endoftext|>").unwrap();

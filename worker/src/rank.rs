@@ -127,6 +127,34 @@ impl RankClient {
         })
     }
 
+    /// Stores `value` under `key` in the attempt's rendezvous key-value store (NCCL unique ids).
+    pub fn put(&mut self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        let req = pb::KvPut {
+            job_id: self.env.job_id.clone(),
+            attempt: self.env.attempt,
+            key: key.to_string(),
+            value: value.to_vec(),
+        };
+        self.retrying("rendezvous put", Duration::from_secs(60), move |mut c| {
+            let req = req.clone();
+            Box::pin(async move { c.put(req).await.map(|_| ()) })
+        })
+    }
+
+    /// Waits up to `timeout` for `key` in the attempt's rendezvous key-value store.
+    pub fn get(&mut self, key: &str, timeout: Duration) -> anyhow::Result<Vec<u8>> {
+        let req = pb::KvGet {
+            job_id: self.env.job_id.clone(),
+            attempt: self.env.attempt,
+            key: key.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        self.retrying("rendezvous get", timeout, move |mut c| {
+            let req = req.clone();
+            Box::pin(async move { c.get(req).await.map(|r| r.into_inner().value) })
+        })
+    }
+
     /// Reports progress/results (retried through a coordinator restart for up to a minute).
     pub fn report(&mut self, progress: Option<pb::Progress>, results: HashMap<String, String>) -> anyhow::Result<()> {
         self.report_with_checkpoint(progress, results, None)
@@ -182,6 +210,23 @@ impl RankLink {
         }
     }
 
+    /// Stores `value` under `key` for the ranks of this attempt (coordinator KV, or the TCP store under the
+    /// attempt's prefix).
+    pub fn kv_put(&mut self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        match self {
+            RankLink::Coordinator(c) => c.put(key, value),
+            RankLink::Store { client, prefix, .. } => Ok(client.set(&format!("{prefix}/kv/{key}"), value)?),
+        }
+    }
+
+    /// Waits up to `timeout` for `key` (see [`RankLink::kv_put`]).
+    pub fn kv_get(&mut self, key: &str, timeout: Duration) -> anyhow::Result<Vec<u8>> {
+        match self {
+            RankLink::Coordinator(c) => c.get(key, timeout),
+            RankLink::Store { client, prefix, .. } => Ok(client.get(&format!("{prefix}/kv/{key}"), timeout)?),
+        }
+    }
+
     /// Reports a committed checkpoint (the coordinator resumes restarted attempts from the newest).
     pub fn report_checkpoint(&mut self, step: u64, dir: &std::path::Path) -> anyhow::Result<()> {
         match self {
@@ -199,6 +244,17 @@ impl RankLink {
                 Ok(())
             }
         }
+    }
+}
+
+/// NCCL unique ids travel through the rank's rendezvous (`nccl/<group>` keys).
+impl qparallel::comm::NcclIdStore for RankLink {
+    fn put(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+        self.kv_put(key, value).map_err(|e| format!("{e:#}"))
+    }
+
+    fn get(&mut self, key: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+        self.kv_get(key, timeout).map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -222,7 +278,51 @@ pub fn rank_main() -> anyhow::Result<()> {
     }
 }
 
+/// The CUDA ordinal this rank's collectives run on, or `None` for the CPU communicator.
+///
+/// GPUs are used when the job asks for them (`resources.gpus_per_node > 0`), the process sees a CUDA device,
+/// and `COMM_BACKEND` (a job `env:` key) is not `cpu`. A worker gives each GPU rank exactly one device in
+/// `CUDA_VISIBLE_DEVICES` (ordinal 0) and an empty value to CPU ranks; under `qctl launch` (or a `CUDA_VISIBLE_DEVICES` listing
+/// several devices) the rank uses ordinal `LOCAL_RANK`.
+pub fn rank_gpu(
+    gpus_per_node: u32,
+    local_rank: u32,
+    get: impl Fn(&str) -> Option<String>,
+    device_count: impl FnOnce() -> usize,
+) -> anyhow::Result<Option<usize>> {
+    if gpus_per_node == 0 || get("COMM_BACKEND").is_some_and(|v| v.trim().eq_ignore_ascii_case("cpu")) {
+        return Ok(None);
+    }
+    let visible = get("CUDA_VISIBLE_DEVICES");
+    if visible.as_deref().is_some_and(|v| v.trim().is_empty()) {
+        return Ok(None);
+    }
+    let count = device_count();
+    if count == 0 {
+        eprintln!("the job asks for GPUs but this process sees no CUDA device: using the CPU communicator");
+        return Ok(None);
+    }
+    let ordinal = match visible {
+        Some(v) if !v.contains(',') => 0,
+        _ => local_rank as usize,
+    };
+    anyhow::ensure!(
+        ordinal < count,
+        "local rank {local_rank} needs CUDA device {ordinal}, but only {count} are visible"
+    );
+    Ok(Some(ordinal))
+}
+
 fn run_comm_check(env: RankEnv, spec: &JobSpec) -> anyhow::Result<()> {
+    let gpu = rank_gpu(
+        spec.resources.gpus_per_node,
+        env.local_rank,
+        |k| std::env::var(k).ok(),
+        qparallel::comm::nccl::cuda_device_count,
+    )?;
+    if let Some(ordinal) = gpu {
+        return run_comm_check_nccl(env, spec, ordinal);
+    }
     let listener = TcpListener::bind((env.node_address.as_str(), 0))
         .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
         .map_err(|e| anyhow::anyhow!("cannot open a listener for peers: {e}"))?;
@@ -251,4 +351,78 @@ fn run_comm_check(env: RankEnv, spec: &JobSpec) -> anyhow::Result<()> {
     comm.barrier()?;
     anyhow::ensure!(report.passed(), "comm-check verification failed: {report}");
     Ok(())
+}
+
+/// The GPU comm-check: one NCCL communicator over all ranks (unique id through the rendezvous KV), device
+/// buffers, `COMM_CHECK_DTYPE` (a job `env:` key) = `f32` (default) or `bf16`.
+fn run_comm_check_nccl(env: RankEnv, spec: &JobSpec, ordinal: usize) -> anyhow::Result<()> {
+    use qparallel::comm_check_gpu::{parse_dtype, run_comm_check_nccl};
+    let dtype_name = std::env::var("COMM_CHECK_DTYPE").unwrap_or_else(|_| "f32".into());
+    let dtype = parse_dtype(&dtype_name)
+        .ok_or_else(|| anyhow::anyhow!("COMM_CHECK_DTYPE={dtype_name:?}: use f32 or bf16"))?;
+    let rank = env.rank as usize;
+    let world = env.world_size as usize;
+    let mut link = RankLink::connect(&env)?;
+    eprintln!("rank {rank}: NCCL on CUDA device {ordinal}");
+    let comm = qparallel::comm::NcclCommunicator::init(
+        ordinal,
+        rank,
+        (0..world).collect(),
+        "world",
+        &mut link,
+        Duration::from_secs(300),
+    )?;
+    let opts = qparallel::comm_check::CommCheckOptions {
+        bytes: spec.comm_check.bytes as usize,
+        iters: spec.comm_check.iters as usize,
+        warmup: qparallel::comm_check::DEFAULT_WARMUP,
+    };
+    let gpu_report = run_comm_check_nccl(&comm, opts, dtype)?;
+    println!("{gpu_report}");
+    let report = &gpu_report.report;
+    if rank == 0 {
+        let mut results = HashMap::new();
+        for r in &report.results {
+            let name = r.collective.name();
+            results.insert(format!("{name}.busbw_gbps"), format!("{:.3}", r.busbw_gbps));
+            results.insert(format!("{name}.algbw_gbps"), format!("{:.3}", r.algbw_gbps));
+            results.insert(format!("{name}.verified"), r.passed.to_string());
+        }
+        results.insert("comm_check.bytes".into(), spec.comm_check.bytes.to_string());
+        results.insert("comm_check.ranks".into(), report.ranks.to_string());
+        results.insert("comm_check.backend".into(), "nccl".into());
+        results.insert("comm_check.dtype".into(), dtype_name.trim().to_ascii_lowercase());
+        link.report(None, results)?;
+    }
+    if spec.comm_check.hold_s > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(spec.comm_check.hold_s));
+    }
+    comm.barrier_dev()?;
+    anyhow::ensure!(report.passed(), "comm-check verification failed: {gpu_report}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod gpu_choice_tests {
+    use super::rank_gpu;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn cpu_jobs_and_cpu_slots_stay_on_the_cpu() {
+        assert_eq!(rank_gpu(0, 0, env(&[]), || 8).unwrap(), None);
+        assert_eq!(rank_gpu(2, 0, env(&[("CUDA_VISIBLE_DEVICES", "")]), || 8).unwrap(), None);
+        assert_eq!(rank_gpu(2, 0, env(&[("COMM_BACKEND", "cpu")]), || 8).unwrap(), None);
+        assert_eq!(rank_gpu(2, 1, env(&[]), || 0).unwrap(), None);
+    }
+
+    #[test]
+    fn worker_slot_uses_ordinal_zero_and_launch_uses_local_rank() {
+        assert_eq!(rank_gpu(8, 5, env(&[("CUDA_VISIBLE_DEVICES", "5")]), || 1).unwrap(), Some(0));
+        assert_eq!(rank_gpu(2, 1, env(&[]), || 2).unwrap(), Some(1));
+        assert_eq!(rank_gpu(2, 1, env(&[("CUDA_VISIBLE_DEVICES", "0,1")]), || 2).unwrap(), Some(1));
+        assert!(rank_gpu(4, 3, env(&[]), || 2).is_err());
+    }
 }

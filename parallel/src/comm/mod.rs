@@ -8,7 +8,7 @@
 //!   │     └── Transport (trait): send bytes to a global rank / receive bytes from one, tagged
 //!   │           ├── ThreadTransport   in-process, one endpoint per thread (tests)
 //!   │           └── TcpTransport      full TCP mesh between rank processes (CPU runs, development)
-//!   └── NcclCommunicator     (later) device buffers, its own CUDA stream
+//!   └── NcclCommunicator     device buffers (`DeviceBuffer`), its own CUDA stream — see [`nccl`]
 //! ```
 //!
 //! # Use in a rank process
@@ -102,6 +102,7 @@
 //! `parallel/tests/comm_collectives.rs` checks the AG/RS adjoint identity numerically.
 
 mod cpu;
+pub mod nccl;
 mod tcp;
 mod transport;
 
@@ -112,6 +113,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use cpu::{CpuCommunicator, DEFAULT_TIMEOUT};
+pub use nccl::{DeviceBuffer, MemIdStore, NcclCommunicator, NcclError, NcclIdStore, nccl_available};
 pub use tcp::TcpTransport;
 pub use transport::{Tag, ThreadTransport, Transport};
 

@@ -133,9 +133,10 @@ impl SparseMoe {
             Some(a) if a.coef != 0.0 => Some(a.stats.aux_dprobs(t, a.coef, &dy.device())?),
             _ => None,
         };
-        let dlogits = ops::router_bwd(&dweight, dprobs.as_ref(), &saved.routing, norm_topk_prob)?;
+        let dlogits = ops::router_bwd(&dweight, dprobs.as_ref(), &saved.routing, norm_topk_prob)?
+            .to_dtype(saved.xn.dtype())?; // router maths is f32; the GEMM takes the activations' dtype
         let g_router = ops::linear_bwd(&dlogits, &saved.xn, &self.gate)?;
-        let dxn = dxn_experts.add(&g_router.dx)?;
+        let dxn = dxn_experts.to_dtype(g_router.dx.dtype())?.add(&g_router.dx)?; // scatter-add is f32
 
         let experts = d_gate
             .into_iter()

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 pub const MODEL: &str = "tiny";
 
 pub fn model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny_chat")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/models/qwen3-tiny-chat")
 }
 
 pub async fn start(api_key: Option<&str>) -> ServerHandle {
