@@ -144,7 +144,9 @@ impl Cluster {
     // ───────────── user API ─────────────
 
     pub async fn submit(&self, spec_yaml: &str, source_name: &str) -> Result<String, ClusterError> {
-        let spec = JobSpec::parse(spec_yaml, source_name).map_err(|e| ClusterError::InvalidSpec(e.to_string()))?;
+        let spec = JobSpec::parse(spec_yaml, source_name)
+            .and_then(|s| s.check_runnable(source_name).map(|_| s))
+            .map_err(|e| ClusterError::InvalidSpec(e.to_string()))?;
         self.mutate(|inner, _| {
             let seq = inner.next_seq;
             inner.next_seq += 1;

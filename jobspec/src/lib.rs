@@ -390,6 +390,24 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
 }
 
 impl JobSpec {
+    /// Refuses valid specs that this build cannot run yet, naming the key, so a cluster job fails at
+    /// submit time instead of in its rank processes: training across several ranks (the tensor/data
+    /// parallel engine exists in `qparallel` but is not wired into jobs yet).
+    pub fn check_runnable(&self, source_name: &str) -> Result<(), JobSpecError> {
+        if self.kind.is_training() && self.world_size() > 1 {
+            return Err(JobSpecError::Invalid {
+                source_name: source_name.to_string(),
+                key: "resources".into(),
+                message: format!(
+                    "{} ranks asked for: this build trains on one rank (`resources: {{ranks: 1}}` or one GPU); \
+                     multi-rank training jobs come with the parallel engine",
+                    self.world_size()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Makes the relative file paths of the training keys (`model`, `model_config`, `dataset`,
     /// `output_dir`, a `resume` path) absolute against `base`: `qctl submit` resolves them against the
     /// directory it runs in, as `qctl train --local` does, because the ranks run elsewhere.
@@ -803,6 +821,18 @@ dataset: [d.jsonl, /abs/e.jsonl]\noutput_dir: out\nresume: ckpt/checkpoint-4\ntr
         assert_eq!(s.output_dir.as_deref(), Some("/work/out"));
         assert_eq!(s.resume, Some(Resume::Path("/work/ckpt/checkpoint-4".into())));
         assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s, "still a valid spec");
+    }
+
+    #[test]
+    fn multi_rank_training_is_refused_before_it_runs() {
+        let y = "name: pt\nkind: pretrain\nresources: {ranks: 2}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 3\n";
+        let s = JobSpec::parse(y, "j.yaml").unwrap();
+        let e = s.check_runnable("j.yaml").unwrap_err().to_string();
+        assert!(e.contains("j.yaml: key `resources`") && e.contains("2 ranks"), "{e}");
+        let one = JobSpec::parse(&y.replace("ranks: 2", "ranks: 1"), "j.yaml").unwrap();
+        assert_eq!(one.check_runnable("j.yaml"), Ok(()));
+        let cc = JobSpec::parse("name: c\nkind: comm-check\nresources: {ranks: 4}\n", "c.yaml").unwrap();
+        assert_eq!(cc.check_runnable("c.yaml"), Ok(()));
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub async fn submit(client: &mut CoordinatorClient<Channel>, path: &Path, out: O
     // Validate locally first so errors name the file and line; then send the spec with its relative
     // paths made absolute (the ranks do not run in this directory).
     let mut spec = qjobspec::JobSpec::parse(&yaml, &path.display().to_string())?;
+    spec.check_runnable(&path.display().to_string())?;
     spec.resolve_relative_paths(&std::env::current_dir()?);
     let req = pb::SubmitJobRequest { spec_yaml: spec.to_yaml(), source_name: path.display().to_string() };
     let id = client.submit_job(req).await.map_err(|s| status_error("submit refused", s))?.into_inner().job_id;

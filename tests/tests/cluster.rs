@@ -171,6 +171,14 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(h.state, "Pending");
     assert!(h.message.starts_with("unschedulable"), "{}", h.message);
 
+    // Valid YAML this build cannot run yet is refused at submit, naming the key.
+    let e = client
+        .submit_job(submit("name: x\nkind: pretrain\nresources: {ranks: 2}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 3\n"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("key `resources`"), "{}", e.message());
+
     let e = client.get_job(pb::GetJobRequest { job_id: "nope-1".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(e.message().contains("nope-1"));
