@@ -59,12 +59,17 @@ struct Inner {
     nodes: BTreeMap<String, NodeRuntime>,
     /// Jobs whose records changed in the current mutation.
     dirty_jobs: BTreeSet<String>,
+    /// When each queued job became `Pending` in this process (for the scheduling-latency metric).
+    pending_since: HashMap<String, Instant>,
+    stats: crate::metrics::SchedulingStats,
     dirty_nodes: BTreeSet<String>,
 }
 
 pub struct Cluster {
     inner: Mutex<Inner>,
-    store: Arc<dyn StateStore>,
+    /// Taken (and so released, with its file lock) by [`Cluster::close_streams`], so a stopped
+    /// coordinator frees its state dir even while stray connection tasks still hold the cluster.
+    store: Mutex<Option<Arc<dyn StateStore>>>,
     pub rendezvous: Rendezvous,
     timings: ClusterTimings,
     /// Notified after every mutation (log followers and waiters poll state on it).
@@ -95,8 +100,16 @@ impl Cluster {
             })
             .collect();
         let jobs = snap.jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
-        let inner = Inner { jobs, next_seq, nodes, dirty_jobs: BTreeSet::new(), dirty_nodes: BTreeSet::new() };
-        Ok(Cluster { inner: Mutex::new(inner), store, rendezvous: Rendezvous::default(), timings, changed: Notify::new(), closed: Default::default() })
+        let inner = Inner {
+            jobs,
+            next_seq,
+            nodes,
+            dirty_jobs: BTreeSet::new(),
+            dirty_nodes: BTreeSet::new(),
+            pending_since: HashMap::new(),
+            stats: Default::default(),
+        };
+        Ok(Cluster { inner: Mutex::new(inner), store: Mutex::new(Some(store)), rendezvous: Rendezvous::default(), timings, changed: Notify::new(), closed: Default::default() })
     }
 
     /// Runs `f` under the lock, schedules, queues the dirty records, then waits for durability.
@@ -109,7 +122,11 @@ impl Cluster {
             let out = f(&mut inner, self);
             inner.schedule(self);
             let batch = inner.take_dirty();
-            let done = (!batch.is_empty()).then(|| self.store.write(batch));
+            let store = self.store.lock().unwrap().clone();
+            let done = match store {
+                Some(store) => (!batch.is_empty()).then(|| store.write(batch)),
+                None => return Err(ClusterError::ShuttingDown),
+            };
             (out, done)
         };
         self.changed.notify_waiters();
@@ -124,7 +141,8 @@ impl Cluster {
     }
 
     /// Ends every long-lived stream (worker assignment streams, rendezvous waits) so a server can shut
-    /// down; used when the coordinator stops.
+    /// down, and releases the state store (its file lock); used when the coordinator stops. Every later
+    /// mutation answers `ShuttingDown`.
     pub fn close_streams(&self) {
         let mut inner = self.inner.lock().unwrap();
         for n in inner.nodes.values_mut() {
@@ -134,6 +152,8 @@ impl Cluster {
         }
         self.rendezvous.close_all();
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(inner);
+        self.store.lock().unwrap().take();
     }
 
     /// Whether [`Cluster::close_streams`] was called.
@@ -177,6 +197,8 @@ impl Cluster {
             };
             job.event(format!("submitted from {source_name}"));
             inner.jobs.insert(id.clone(), job);
+            inner.pending_since.insert(id.clone(), Instant::now());
+            inner.stats.submitted_total += 1;
             inner.dirty_jobs.insert(id.clone());
             Ok(id)
         })
@@ -215,6 +237,37 @@ impl Cluster {
             Ok(JobState::Cancelled)
         })
         .await
+    }
+
+    /// The Prometheus text of the coordinator's metrics (see [`crate::metrics`]).
+    pub fn metrics_text(&self) -> String {
+        let inner = self.inner.lock().unwrap();
+        let mut g = crate::metrics::Gauges::default();
+        let states = [
+            JobState::Pending,
+            JobState::Scheduled,
+            JobState::Running,
+            JobState::Checkpointing,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+        ];
+        g.jobs_by_state = states
+            .iter()
+            .map(|st| (st.as_str(), inner.jobs.values().filter(|j| j.state == *st).count() as u64))
+            .collect();
+        let usage = inner.usage();
+        for n in inner.nodes.values() {
+            g.nodes_total += 1;
+            g.nodes_alive += n.session.is_some() as u64;
+            g.gpus_total += n.record.gpus as u64;
+            g.cpu_slots_total += n.record.cpu_slots as u64;
+        }
+        for (gpus, cpus, _) in usage.values() {
+            g.gpus_used += gpus.len() as u64;
+            g.cpu_slots_used += *cpus as u64;
+        }
+        crate::metrics::render(&g, &inner.stats)
     }
 
     pub fn nodes(&self) -> Vec<pb::NodeStatus> {
@@ -462,6 +515,10 @@ impl Inner {
             }
         }
         for (id, ranks) in placed {
+            if let Some(since) = self.pending_since.remove(&id) {
+                self.stats.observe_latency(since.elapsed());
+            }
+            self.stats.attempts_started_total += 1;
             let job = self.jobs.get_mut(&id).expect("placed job exists");
             let number = job.attempt_number() + 1;
             let attempt = Attempt {
@@ -540,7 +597,9 @@ impl Inner {
         }
         let number = job.attempt_number();
         let restarts_used = number.saturating_sub(1);
+        self.stats.attempts_failed_total += 1;
         if restarts_used < job.max_restarts {
+            self.pending_since.insert(job_id.to_string(), Instant::now());
             job.state = JobState::Pending;
             job.message = format!("attempt {number} failed: {reason}; restarting");
             job.event(format!(

@@ -9,10 +9,12 @@
 //! - [`rendezvous`]: per-attempt rooms where ranks meet and share NCCL ids.
 //! - [`logs`]: rank logs as append-only files.
 //! - [`service`]: the gRPC edge (Coordinator, WorkerControl, Rendezvous) plus health and reflection.
+//! - [`metrics`]: Prometheus text for `GET /metrics` on `--metrics-listen`.
 
 pub mod cluster;
 pub mod domain;
 pub mod logs;
+pub mod metrics;
 pub mod rendezvous;
 pub mod scheduler;
 pub mod service;
@@ -40,6 +42,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_timeout: Duration,
     /// Between SIGTERM and SIGKILL when ranks are stopped.
     pub stop_grace: Duration,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`) here; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -51,6 +55,7 @@ impl CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
+            metrics_listen: None,
         }
     }
 }
@@ -60,8 +65,12 @@ pub struct CoordinatorHandle {
     /// The address it actually listens on (useful with port 0).
     pub addr: SocketAddr,
     pub cluster: Arc<Cluster>,
+    /// Where `GET /metrics` is served, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Liveness checker and metrics server: they hold the cluster (and so the state file) until ended.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl CoordinatorHandle {
@@ -80,13 +89,15 @@ impl CoordinatorHandle {
         if tokio::time::timeout(Duration::from_secs(5), &mut self.task).await.is_err() {
             self.task.abort();
         }
+        for task in self.background.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     /// Waits until the server stops by itself (an error) — the daemon's main loop.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        let task = self.task;
-        let _keep_shutdown_sender = self.shutdown;
-        task.await??;
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        (&mut self.task).await??;
         Ok(())
     }
 }
@@ -134,6 +145,12 @@ pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandl
         }
     });
 
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, cluster.clone()).await?),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|(addr, _)| *addr);
+
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
@@ -144,14 +161,40 @@ pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandl
         .add_service(WorkerControlServer::new(api.clone()))
         .add_service(RendezvousServer::new(api));
     let task = tokio::spawn(async move {
-        let result = server
+        server
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
             })
-            .await;
-        liveness.abort();
-        result
+            .await
     });
+    let mut background = vec![liveness];
+    background.extend(metrics.map(|(_, task)| task));
     tracing::info!("qcoord listening on {addr}, state in {}", config.state_dir.display());
-    Ok(CoordinatorHandle { addr, cluster, shutdown: Some(shutdown_tx), task })
+    Ok(CoordinatorHandle { addr, cluster, metrics_addr, shutdown: Some(shutdown_tx), task, background })
+}
+
+/// Binds `addr` and serves `GET /metrics` in the background.
+async fn serve_metrics(
+    addr: SocketAddr,
+    cluster: Arc<Cluster>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let cluster = cluster.clone();
+            async move {
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], cluster.metrics_text())
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server: {e}");
+        }
+    });
+    Ok((bound, task))
 }

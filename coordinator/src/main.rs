@@ -16,6 +16,9 @@ struct Args {
     /// A worker silent this long (seconds) is declared lost.
     #[arg(long, default_value_t = 10.0)]
     heartbeat_timeout: f64,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9090).
+    #[arg(long, env = "QCOORD_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds between SIGTERM and SIGKILL when ranks are stopped.
     #[arg(long, default_value_t = 10.0)]
     stop_grace: f64,
@@ -30,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = qcoord::CoordinatorConfig::new(args.listen, args.state_dir);
     config.heartbeat_timeout = Duration::from_secs_f64(args.heartbeat_timeout);
     config.stop_grace = Duration::from_secs_f64(args.stop_grace);
+    config.metrics_listen = args.metrics_listen;
     let handle = qcoord::start(config).await?;
     tokio::select! {
         r = handle.wait() => r,

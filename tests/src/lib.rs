@@ -18,7 +18,18 @@ pub fn test_coordinator_config(listen: SocketAddr, state_dir: std::path::PathBuf
     c.heartbeat_interval = Duration::from_millis(200);
     c.heartbeat_timeout = Duration::from_millis(1500);
     c.stop_grace = Duration::from_secs(2);
+    c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     c
+}
+
+/// `GET path` over plain HTTP/1.1: the response body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
 pub struct TestCluster {

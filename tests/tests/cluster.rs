@@ -23,6 +23,20 @@ async fn comm_check_succeeds_with_verified_collectives_and_logs() {
         assert!(busbw > 0.0 && busbw.is_finite(), "{coll} busbw {busbw}");
     }
     assert_eq!(s.results["comm_check.ranks"], "4");
+    let metrics_addr = c.coordinator.as_ref().unwrap().metrics_addr.unwrap();
+    let metrics = tokio::task::spawn_blocking(move || qcluster_tests::http_get(metrics_addr, "/metrics")).await.unwrap().unwrap();
+    for line in [
+        "qcluster_jobs{state=\"Succeeded\"} 1",
+        "qcluster_queue_depth 0",
+        "qcluster_nodes_alive 2",
+        "qcluster_cpu_slots 4",
+        "qcluster_cpu_slots_used 0",
+        "qcluster_jobs_submitted_total 1",
+        "qcluster_attempts_started_total 1",
+        "qcluster_scheduling_latency_seconds_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    }
     let logs = c.logs(&id).await.unwrap();
     assert!(logs.contains("rank 3/4 of job"), "{logs}");
     assert!(logs.contains("all_reduce"), "{logs}");
