@@ -230,13 +230,16 @@ mod tests {
         // The rank starts a grandchild that would outlive it without a group kill.
         let mut p = spawn_rank(&spec(dir.path(), "sleep 60 & echo $! > child.pid; wait"), dir.path(), tx).unwrap();
         let child_pid_file = dir.path().join("run/child.pid");
-        for _ in 0..100 {
-            if child_pid_file.exists() {
+        // The shell creates the file before it writes the pid: wait for a whole number.
+        let mut grandchild: Option<u32> = None;
+        for _ in 0..250 {
+            grandchild = std::fs::read_to_string(&child_pid_file).ok().and_then(|s| s.trim().parse().ok());
+            if grandchild.is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let grandchild: u32 = std::fs::read_to_string(&child_pid_file).unwrap().trim().parse().unwrap();
+        let grandchild = grandchild.expect("the rank wrote its child's pid");
         assert!(process_alive(grandchild));
         stop_group(p.pid, Duration::from_secs(2)).await;
         assert_eq!(p.wait().await, RankExit { code: 128 + 15 });
