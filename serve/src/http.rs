@@ -733,15 +733,11 @@ struct Job {
 }
 
 async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Body) -> Response {
-    let r = match read_body(body).await {
-        Ok(body) => chat_job(&st, &headers, &body).await,
-        Err(e) => Err(e),
+    let r = async {
+        let (job, stream) = chat_job(&st, &headers, &read_body(body).await?).await?;
+        respond(job, stream).await
     };
-    let r = match r {
-        Ok((job, stream)) => respond(job, stream).await,
-        Err(e) => Err(e),
-    };
-    finish(&st, r)
+    finish(&st, r.await)
 }
 
 async fn chat_job(
@@ -811,15 +807,11 @@ async fn chat_job(
 }
 
 async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Body) -> Response {
-    let r = match read_body(body).await {
-        Ok(body) => completion_job(&st, &headers, &body).await,
-        Err(e) => Err(e),
+    let r = async {
+        let (job, stream) = completion_job(&st, &headers, &read_body(body).await?).await?;
+        respond(job, stream).await
     };
-    let r = match r {
-        Ok((job, stream)) => respond(job, stream).await,
-        Err(e) => Err(e),
-    };
-    finish(&st, r)
+    finish(&st, r.await)
 }
 
 async fn completion_job(

@@ -265,30 +265,28 @@ fn stop_ranks(shared: &Arc<Shared>, which: impl Fn(&RankKey) -> bool, grace: Dur
     }
 }
 
-/// The environment a rank process starts with.
+/// The environment a rank process starts with: the job's `env:`, then its identity
+/// ([`crate::rank::RankEnv::to_vars`]), its node and its GPU.
 fn rank_env(shared: &Shared, s: &pb::StartRanks, slot: &pb::RankSlot, spec_path: &std::path::Path, run_dir: &std::path::Path) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     if let Ok(spec) = qjobspec::JobSpec::parse(&s.spec_yaml, "<assignment>") {
         env.extend(spec.env);
     }
-    let set = |env: &mut BTreeMap<String, String>, k: &str, v: String| {
-        env.insert(k.to_string(), v);
+    let identity = crate::rank::RankEnv {
+        meeting: crate::rank::Meeting::Coordinator(shared.config.coordinator.clone()),
+        job_id: s.job_id.clone(),
+        attempt: s.attempt,
+        rank: slot.rank,
+        local_rank: slot.local_rank,
+        world_size: s.world_size,
+        node_address: shared.config.address.clone(),
+        spec_path: spec_path.to_path_buf(),
+        run_dir: run_dir.to_path_buf(),
+        resume_from: (!s.resume_from.is_empty()).then(|| s.resume_from.clone().into()),
     };
-    set(&mut env, "QCLUSTER_COORDINATOR", shared.config.coordinator.clone());
-    set(&mut env, "QCLUSTER_JOB_ID", s.job_id.clone());
-    set(&mut env, "QCLUSTER_ATTEMPT", s.attempt.to_string());
-    set(&mut env, "QCLUSTER_RANK", slot.rank.to_string());
-    set(&mut env, "QCLUSTER_LOCAL_RANK", slot.local_rank.to_string());
-    set(&mut env, "QCLUSTER_WORLD_SIZE", s.world_size.to_string());
-    set(&mut env, "QCLUSTER_NODE", shared.config.node_name.clone());
-    set(&mut env, "QCLUSTER_NODE_ADDRESS", shared.config.address.clone());
-    set(&mut env, "QCLUSTER_SPEC", spec_path.display().to_string());
-    set(&mut env, "QCLUSTER_RUN_DIR", run_dir.display().to_string());
-    set(&mut env, "QCLUSTER_RESUME_FROM", s.resume_from.clone());
-    set(&mut env, "RANK", slot.rank.to_string());
-    set(&mut env, "LOCAL_RANK", slot.local_rank.to_string());
-    set(&mut env, "WORLD_SIZE", s.world_size.to_string());
-    set(&mut env, "CUDA_VISIBLE_DEVICES", if slot.gpu >= 0 { slot.gpu.to_string() } else { String::new() });
+    env.extend(identity.to_vars().into_iter().map(|(k, v)| (k.to_string(), v)));
+    env.insert("QCLUSTER_NODE".into(), shared.config.node_name.clone());
+    env.insert("CUDA_VISIBLE_DEVICES".into(), if slot.gpu >= 0 { slot.gpu.to_string() } else { String::new() });
     env
 }
 

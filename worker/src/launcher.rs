@@ -112,25 +112,20 @@ pub fn launch(spec_path: &Path, env: &LaunchEnv, rank_command: Vec<String>, run_
             let rank = env.node_rank * env.nproc_per_node + local;
             let key = RankKey { job_id: job_id.clone(), attempt: 1, rank };
             let rank_dir = run_dir.join(format!("rank-{rank}"));
-            let mut vars = BTreeMap::new();
-            vars.extend(spec.env.clone());
-            for (k, v) in [
-                ("QCLUSTER_STORE", store_addr.clone()),
-                ("QCLUSTER_JOB_ID", job_id.clone()),
-                ("QCLUSTER_ATTEMPT", "1".into()),
-                ("QCLUSTER_RANK", rank.to_string()),
-                ("QCLUSTER_LOCAL_RANK", local.to_string()),
-                ("QCLUSTER_WORLD_SIZE", env.world_size().to_string()),
-                ("QCLUSTER_NODE_ADDRESS", if env.nnodes == 1 { "127.0.0.1".into() } else { local_address() }),
-                ("QCLUSTER_SPEC", spec_path.canonicalize().unwrap_or(spec_path.to_path_buf()).display().to_string()),
-                ("QCLUSTER_RUN_DIR", rank_dir.display().to_string()),
-                ("QCLUSTER_RESUME_FROM", String::new()),
-                ("RANK", rank.to_string()),
-                ("LOCAL_RANK", local.to_string()),
-                ("WORLD_SIZE", env.world_size().to_string()),
-            ] {
-                vars.insert(k.to_string(), v);
-            }
+            let identity = crate::rank::RankEnv {
+                meeting: crate::rank::Meeting::TcpStore(store_addr.clone()),
+                job_id: job_id.clone(),
+                attempt: 1,
+                rank,
+                local_rank: local,
+                world_size: env.world_size(),
+                node_address: if env.nnodes == 1 { "127.0.0.1".into() } else { local_address() },
+                spec_path: spec_path.canonicalize().unwrap_or(spec_path.to_path_buf()),
+                run_dir: rank_dir.clone(),
+                resume_from: None,
+            };
+            let mut vars: BTreeMap<String, String> = spec.env.clone();
+            vars.extend(identity.to_vars().into_iter().map(|(k, v)| (k.to_string(), v)));
             let spec = LaunchSpec { key, command: rank_command.clone(), env: vars, cwd: rank_dir };
             procs.push(launch::spawn_rank(&spec, &run_dir, log_tx.clone())?);
         }

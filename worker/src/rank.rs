@@ -19,8 +19,9 @@ pub enum Meeting {
     TcpStore(String),
 }
 
-/// Who this rank is, from the environment its launcher set.
-#[derive(Debug, Clone)]
+/// Who this rank is: written into a rank's environment by its launcher ([`RankEnv::to_vars`]: the
+/// worker daemon or `qctl launch`) and read back inside the rank ([`RankEnv::from_env`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct RankEnv {
     pub meeting: Meeting,
     pub job_id: String,
@@ -45,6 +46,31 @@ pub enum RankEnvError {
 }
 
 impl RankEnv {
+    /// The environment variables that carry this identity (the torchrun-style `RANK`, `LOCAL_RANK`,
+    /// `WORLD_SIZE` included); [`RankEnv::from_lookup`] reads them back.
+    pub fn to_vars(&self) -> Vec<(&'static str, String)> {
+        let meeting = match &self.meeting {
+            Meeting::Coordinator(url) => ("QCLUSTER_COORDINATOR", url.clone()),
+            Meeting::TcpStore(addr) => ("QCLUSTER_STORE", addr.clone()),
+        };
+        let resume = self.resume_from.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        vec![
+            meeting,
+            ("QCLUSTER_JOB_ID", self.job_id.clone()),
+            ("QCLUSTER_ATTEMPT", self.attempt.to_string()),
+            ("QCLUSTER_RANK", self.rank.to_string()),
+            ("QCLUSTER_LOCAL_RANK", self.local_rank.to_string()),
+            ("QCLUSTER_WORLD_SIZE", self.world_size.to_string()),
+            ("QCLUSTER_NODE_ADDRESS", self.node_address.clone()),
+            ("QCLUSTER_SPEC", self.spec_path.display().to_string()),
+            ("QCLUSTER_RUN_DIR", self.run_dir.display().to_string()),
+            ("QCLUSTER_RESUME_FROM", resume),
+            ("RANK", self.rank.to_string()),
+            ("LOCAL_RANK", self.local_rank.to_string()),
+            ("WORLD_SIZE", self.world_size.to_string()),
+        ]
+    }
+
     pub fn from_env() -> Result<RankEnv, RankEnvError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -424,5 +450,32 @@ mod gpu_choice_tests {
         assert_eq!(rank_gpu(2, 1, env(&[]), || 2).unwrap(), Some(1));
         assert_eq!(rank_gpu(2, 1, env(&[("CUDA_VISIBLE_DEVICES", "0,1")]), || 2).unwrap(), Some(1));
         assert!(rank_gpu(4, 3, env(&[]), || 2).is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_environment_reads_back_as_the_same_identity() {
+        for meeting in [Meeting::Coordinator("http://c:7070".into()), Meeting::TcpStore("10.0.0.1:29500".into())] {
+            for resume_from in [None, Some(PathBuf::from("/ckpt/checkpoint-4"))] {
+                let env = RankEnv {
+                    meeting: meeting.clone(),
+                    job_id: "j-000001".into(),
+                    attempt: 2,
+                    rank: 5,
+                    local_rank: 1,
+                    world_size: 8,
+                    node_address: "10.0.0.2".into(),
+                    spec_path: "/w/job.yaml".into(),
+                    run_dir: "/w/rank-5".into(),
+                    resume_from,
+                };
+                let vars: HashMap<&str, String> = env.to_vars().into_iter().collect();
+                assert_eq!(RankEnv::from_lookup(|k| vars.get(k).cloned()).unwrap(), env);
+            }
+        }
     }
 }
