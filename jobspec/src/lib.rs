@@ -7,7 +7,7 @@
 //! Keys follow ms-swift / Megatron-SWIFT names where those exist; the Megatron long names of the
 //! parallel block (`tensor_model_parallel_size` …) are accepted as aliases.
 //!
-//! Training kinds (`pretrain` runs today) read flat training keys at the top level: `model` (an HF directory)
+//! Training kinds (`pretrain` and `sft` run today) read flat training keys at the top level: `model` (an HF directory)
 //! or `init: random` + `model_config`, `dataset` (one path or a list), `output_dir`, `max_length`
 //! (`seq_length`), `micro_batch_size` (`per_device_train_batch_size`), `global_batch_size`, `learning_rate`
 //! (`lr`), `min_lr`, `lr_warmup_iters` (`warmup_steps`) or `warmup_ratio` (`lr_warmup_fraction`),
@@ -15,7 +15,9 @@
 //! `adam_beta2`, `adam_eps` (`adam_epsilon`), `clip_grad` (`max_grad_norm`), `train_iters` (`max_steps`),
 //! `save_steps`, `logging_steps`, `seed`, `gradient_checkpointing`, `resume` (`auto` | `none` | a path).
 //! [`JobSpec::training`] returns them resolved, with defaults and the derived gradient-accumulation count
-//! `global_batch_size / (micro_batch_size × dp)`. Other kinds refuse training keys.
+//! `global_batch_size / (micro_batch_size × dp)`. Other kinds refuse training keys. The fine-tuning keys
+//! (`train_type`, `lora_*`, `target_modules`, and for `kind: sft` `loss_scale`, `packing`, `strict`,
+//! `truncation_strategy`, `dataset_shuffle`, `model_name`, `model_author`) are described in [`sft`].
 //!
 //! Invariants of a [`JobSpec`] returned by [`JobSpec::parse`]:
 //! - `resources.nodes ≥ 1`, and the world size is a positive multiple of `nodes`;
@@ -25,6 +27,10 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+pub mod sft;
+
+pub use sft::{Bilingual, LoraSettings, SftSettings, TrainType, Truncation};
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +61,7 @@ impl JobKind {
 
     /// Kinds this build can run on the cluster.
     pub fn is_runnable(self) -> bool {
-        matches!(self, JobKind::CommCheck | JobKind::Pretrain)
+        matches!(self, JobKind::CommCheck | JobKind::Pretrain | JobKind::Sft)
     }
 
     /// Kinds that train a model and so read the training keys ([`JobSpec::training`]).
@@ -239,6 +245,42 @@ pub struct JobSpec {
     /// `auto` (newest complete checkpoint in `output_dir`, else start fresh), `none`, or a checkpoint path.
     #[serde(default, skip_serializing_if = "Option::is_none", alias = "resume_from_checkpoint")]
     pub resume: Option<Resume>,
+
+    // ---- Fine-tuning keys (see [`sft`]): SFT data (kind: sft) and adapters (every training kind).
+    /// `full` (default) or `lora`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_type: Option<TrainType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// `all-linear` (default) or module names (`q_proj`, `v_proj`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "one_or_many")]
+    pub target_modules: Vec<String>,
+    /// Which tokens of an SFT sample carry loss: `default` | `last_round` | `all`, optionally
+    /// `+ignore_empty_think`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<String>,
+    /// Pack short SFT samples into `max_length` rows (attention stays within each sample).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
+    /// A bad dataset row is an error (true) or is skipped, counted and reported (false, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+    /// `delete` (default) | `left` | `right` for samples longer than `max_length`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncation_strategy: Option<Truncation>,
+    /// Seeded shuffle of the mixed SFT datasets (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_shuffle: Option<bool>,
+    /// The name `self-cognition` fills in: one value, or `[中文名, English name]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "one_or_many")]
+    pub model_name: Vec<String>,
+    /// The author `self-cognition` fills in: one value, or `[中文, English]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "one_or_many")]
+    pub model_author: Vec<String>,
 }
 
 /// How a training job gets its initial weights (`init:`).
@@ -356,6 +398,10 @@ pub struct TrainingSettings {
     pub seed: u64,
     pub gradient_checkpointing: bool,
     pub resume: Resume,
+    /// SFT data settings (`kind: sft`), `None` for pretraining.
+    pub sft: Option<SftSettings>,
+    /// Adapter settings (`train_type: lora`), `None` for full training.
+    pub lora: Option<LoraSettings>,
 }
 
 /// Defaults of the training keys (ms-swift's Megatron defaults where they exist).
@@ -419,7 +465,7 @@ impl JobSpec {
         };
         self.model.iter_mut().for_each(resolve);
         self.model_config.iter_mut().for_each(resolve);
-        self.dataset.iter_mut().for_each(resolve);
+        self.dataset.iter_mut().filter(|d| !sft::is_builtin_dataset(d)).for_each(resolve);
         self.output_dir.iter_mut().for_each(resolve);
         if let Some(Resume::Path(p)) = &mut self.resume {
             resolve(p);
@@ -497,6 +543,18 @@ impl JobSpec {
             ("seed", self.seed.is_some()),
             ("gradient_checkpointing", self.gradient_checkpointing.is_some()),
             ("resume", self.resume.is_some()),
+            ("train_type", self.train_type.is_some()),
+            ("lora_rank", self.lora_rank.is_some()),
+            ("lora_alpha", self.lora_alpha.is_some()),
+            ("lora_dropout", self.lora_dropout.is_some()),
+            ("target_modules", !self.target_modules.is_empty()),
+            ("loss_scale", self.loss_scale.is_some()),
+            ("packing", self.packing.is_some()),
+            ("strict", self.strict.is_some()),
+            ("truncation_strategy", self.truncation_strategy.is_some()),
+            ("dataset_shuffle", self.dataset_shuffle.is_some()),
+            ("model_name", !self.model_name.is_empty()),
+            ("model_author", !self.model_author.is_empty()),
         ];
         set.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect()
     }
@@ -546,7 +604,10 @@ impl JobSpec {
             }
         };
         if self.dataset.is_empty() || self.dataset.iter().any(|p| p.is_empty()) {
-            return Err(invalid("dataset", "missing: give one or more JSONL files".into()));
+            return Err(invalid(
+                "dataset",
+                "missing: give one or more dataset files (JSONL; for sft also JSON, CSV, `path#N`, `self-cognition`)".into(),
+            ));
         }
         let positive_u32 = |key: &str, v: Option<u32>, default: u32| match v {
             Some(0) => Err(invalid(key, "must be at least 1".into())),
@@ -634,6 +695,7 @@ impl JobSpec {
         {
             return Err(invalid("output_dir", "must not be empty".into()));
         }
+        let (sft, lora) = sft::resolve(self).map_err(|(key, message)| invalid(&key, message))?;
         Ok(TrainingSettings {
             model,
             dataset: self.dataset.clone(),
@@ -659,6 +721,8 @@ impl JobSpec {
             seed: self.seed.unwrap_or(d::SEED),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             resume: self.resume.clone().unwrap_or(Resume::Auto),
+            sft,
+            lora,
         })
     }
 
@@ -680,7 +744,7 @@ impl JobSpec {
         if !self.kind.is_runnable() {
             return Err(invalid(
                 "kind",
-                format!("kind `{}` is not supported by this build yet (supported: comm-check, pretrain)", self.kind),
+                format!("kind `{}` is not supported by this build yet (supported: comm-check, pretrain, sft)", self.kind),
             ));
         }
         if self.max_restarts > 100 {
@@ -984,5 +1048,56 @@ seed: 7\ngradient_checkpointing: true\nresume: out/checkpoint-25\n";
         assert!(e.starts_with("pt.yaml:7:") && e.contains("wsd"), "{e}");
         let e = JobSpec::parse("name: a\nkind: comm-check\nresources: {ranks: 1}\nlr: 0.1\n", "j").unwrap_err();
         assert!(matches!(&e, JobSpecError::Invalid { key, .. } if key == "learning_rate"), "{e}");
+    }
+
+    #[test]
+    fn sft_and_lora_keys() {
+        let y = "name: sc\nkind: sft\nresources: {ranks: 1}\nmodel: m\ndataset: [self-cognition#100, chat.jsonl#20]\n\
+train_iters: 5\ntrain_type: lora\nlora_rank: 16\nlora_alpha: 32\ntarget_modules: [q_proj, v_proj]\n\
+loss_scale: last_round+ignore_empty_think\npacking: true\nstrict: true\ntruncation_strategy: left\n\
+dataset_shuffle: false\nmodel_name: [小黄, Xiao Huang]\nmodel_author: swift\n";
+        let mut s = JobSpec::parse(y, "sc.yaml").unwrap();
+        let t = s.training().unwrap();
+        let sft = t.sft.unwrap();
+        assert_eq!(sft.loss_scale, "last_round+ignore_empty_think");
+        assert_eq!((sft.packing, sft.strict, sft.truncation, sft.shuffle), (true, true, Truncation::Left, false));
+        assert_eq!(sft.model_name, Some(Bilingual { zh: "小黄".into(), en: "Xiao Huang".into() }));
+        assert_eq!(sft.model_author, Some(Bilingual { zh: "swift".into(), en: "swift".into() }));
+        let lora = t.lora.unwrap();
+        assert_eq!((lora.rank, lora.alpha, lora.dropout), (16, 32.0, 0.0));
+        assert_eq!(lora.target_modules, vec!["q_proj", "v_proj"]);
+        assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s);
+        s.resolve_relative_paths(std::path::Path::new("/w"));
+        assert_eq!(s.dataset, vec!["self-cognition#100", "/w/chat.jsonl#20"], "built-ins stay names");
+
+        let defaults = JobSpec::parse("name: a\nkind: sft\nresources: {ranks: 1}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 1\ntrain_type: lora\n", "d").unwrap();
+        let t = defaults.training().unwrap();
+        let sft = t.sft.unwrap();
+        assert_eq!((sft.loss_scale.as_str(), sft.packing, sft.strict, sft.truncation), ("default", false, false, Truncation::Delete));
+        assert_eq!(t.lora.unwrap().target_modules, vec!["all-linear"]);
+    }
+
+    #[test]
+    fn bad_sft_and_lora_keys_name_the_key() {
+        let sft = "name: a\nkind: sft\nresources: {ranks: 1}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 1\n";
+        let pre = "name: a\nkind: pretrain\nresources: {ranks: 1}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 1\n";
+        let cases = [
+            (format!("{sft}loss_scale: last\n"), "loss_scale"),
+            (format!("{sft}model_name: [a, b, c]\n"), "model_name"),
+            (format!("{sft}lora_rank: 8\n"), "lora_rank"),
+            (format!("{sft}train_type: lora\nlora_rank: 0\n"), "lora_rank"),
+            (format!("{sft}train_type: lora\nlora_dropout: 1.5\n"), "lora_dropout"),
+            (format!("{sft}train_type: lora\ntarget_modules: [all-linear, q_proj]\n"), "target_modules"),
+            (format!("{pre}packing: true\n"), "packing"),
+            (format!("{pre}model_author: me\n"), "model_author"),
+        ];
+        for (yaml, key) in cases {
+            match JobSpec::parse(&yaml, "j.yaml").unwrap_err() {
+                JobSpecError::Invalid { key: k, .. } => assert_eq!(k, key, "{yaml}"),
+                other => panic!("{yaml}: {other:?}"),
+            }
+        }
+        let e = JobSpec::parse(&format!("{sft}train_type: qlora\n"), "j.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("j.yaml:7:") && e.contains("qlora"), "{e}");
     }
 }

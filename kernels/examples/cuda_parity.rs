@@ -8,7 +8,7 @@
 //! Then: steady-state allocation check (no cuMemAlloc in a repeated step) and throughput lines for a bf16
 //! 8192³ GEMM (cuBLASLt) and causal GQA attention forward/backward.
 //!
-//! Run: `cargo run --release -p qkernels --example cuda_parity [-- --skip-bench]` on a machine with a GPU,
+//! Run: `cargo run --release -p qkernels --example cuda_parity [-- --skip-bench] [--attn-only]` on a machine with a GPU,
 //! libcuda, libnvrtc and libcublasLt loadable (LD_LIBRARY_PATH) and `cuda_bf16.h` findable (see
 //! `qkernels::cuda::nvrtc`). Exit status 1 when any check fails.
 
@@ -432,54 +432,62 @@ fn run_parity(rep: &mut Report) {
             rep.check("moe_unpermute_bwd", dt, &sh, "dyp", &gdyp, &cdyp);
             rep.check("moe_unpermute_bwd", dt, &sh, "dweights", &gdw, &cdw);
         }
-        // Attention: bf16 with head_dim 64/128 runs on the tensor-core kernels by default; the CUDA-core
-        // kernels are checked on the same shapes too.
-        let paths: &[bool] = if dt == DType::BF16 {
-            &[true, false]
-        } else {
-            &[false]
-        };
-        for &tc in paths {
-            cuda::set_attention_tensor_cores(tc);
-            let tag = if tc { " [tc]" } else { "" };
-            for (b, s, hq, hkv, d, segs) in [
-                (1usize, 7usize, 2usize, 1usize, 64usize, false),
-                (2, 67, 4, 2, 128, true),
-                (1, 130, 8, 2, 128, false),
-                (1, 40, 2, 2, 96, true),
-                (1, 300, 4, 1, 64, true),
-                (1, 520, 2, 1, 128, false),
-            ] {
-                let sh = format!(
-                    "b{b} s{s} hq{hq} hkv{hkv} d{d}{}{tag}",
-                    if segs { " seg" } else { "" }
-                );
-                let (q, qg) = pair(&mut r, &[b, s, hq, d], 1.0, dt);
-                let (k, kg) = pair(&mut r, &[b, s, hkv, d], 1.0, dt);
-                let (v, vg) = pair(&mut r, &[b, s, hkv, d], 1.0, dt);
-                let segv: Vec<u32> = (0..b * s).map(|i| ((i % s) / 23) as u32).collect();
-                let seg_c = Tensor::from_u32(segv.clone(), &[b, s], &Device::Cpu).unwrap();
-                let seg_g = Tensor::from_u32(segv, &[b, s], &GPU).unwrap();
-                let (sc, sg) = if segs {
-                    (Some(&seg_c), Some(&seg_g))
-                } else {
-                    (None, None)
-                };
-                let scale = 1.0 / (d as f32).sqrt();
-                let c = attention_fwd(&q, &k, &v, sc, scale).unwrap();
-                let g = attention_fwd(&qg, &kg, &vg, sg, scale).unwrap();
-                rep.check("attention_fwd", dt, &sh, "out", &g.out, &c.out);
-                rep.check("attention_fwd", dt, &sh, "lse", &g.lse, &c.lse);
-                let (dout, doutg) = pair(&mut r, &[b, s, hq, d], 1.0, dt);
-                let cb = attention_bwd(&dout, &q, &k, &v, &c.out, &c.lse, sc, scale).unwrap();
-                let gb = attention_bwd(&doutg, &qg, &kg, &vg, &g.out, &g.lse, sg, scale).unwrap();
-                rep.check("attention_bwd", dt, &sh, "dq", &gb.dq, &cb.dq);
-                rep.check("attention_bwd", dt, &sh, "dk", &gb.dk, &cb.dk);
-                rep.check("attention_bwd", dt, &sh, "dv", &gb.dv, &cb.dv);
-            }
-        }
-        cuda::set_attention_tensor_cores(true);
+        attention_parity(rep, &mut r, dt);
     }
+}
+
+/// Attention forward/backward against the CPU reference: bf16 on both the tensor-core and the CUDA-core kernels,
+/// f32 on the CUDA-core ones; odd lengths, GQA, segments, several tiles of every kernel.
+fn attention_parity(rep: &mut Report, r: &mut StdRng, dt: DType) {
+    // Attention: bf16 with head_dim 64/128 runs on the tensor-core kernels by default; the CUDA-core
+    // kernels are checked on the same shapes too.
+    let paths: &[bool] = if dt == DType::BF16 {
+        &[true, false]
+    } else {
+        &[false]
+    };
+    for &tc in paths {
+        cuda::set_attention_tensor_cores(tc);
+        let tag = if tc { " [tc]" } else { "" };
+        for (b, s, hq, hkv, d, segs) in [
+            (1usize, 7usize, 2usize, 1usize, 64usize, false),
+            (2, 67, 4, 2, 128, true),
+            (1, 130, 8, 2, 128, false),
+            (1, 40, 2, 2, 96, true),
+            (1, 300, 4, 1, 64, true),
+            (1, 520, 2, 1, 128, false),
+            (1, 1100, 4, 2, 128, true),
+            (2, 777, 4, 1, 64, false),
+        ] {
+            let sh = format!(
+                "b{b} s{s} hq{hq} hkv{hkv} d{d}{}{tag}",
+                if segs { " seg" } else { "" }
+            );
+            let (q, qg) = pair(r, &[b, s, hq, d], 1.0, dt);
+            let (k, kg) = pair(r, &[b, s, hkv, d], 1.0, dt);
+            let (v, vg) = pair(r, &[b, s, hkv, d], 1.0, dt);
+            let segv: Vec<u32> = (0..b * s).map(|i| ((i % s) / 23) as u32).collect();
+            let seg_c = Tensor::from_u32(segv.clone(), &[b, s], &Device::Cpu).unwrap();
+            let seg_g = Tensor::from_u32(segv, &[b, s], &GPU).unwrap();
+            let (sc, sg) = if segs {
+                (Some(&seg_c), Some(&seg_g))
+            } else {
+                (None, None)
+            };
+            let scale = 1.0 / (d as f32).sqrt();
+            let c = attention_fwd(&q, &k, &v, sc, scale).unwrap();
+            let g = attention_fwd(&qg, &kg, &vg, sg, scale).unwrap();
+            rep.check("attention_fwd", dt, &sh, "out", &g.out, &c.out);
+            rep.check("attention_fwd", dt, &sh, "lse", &g.lse, &c.lse);
+            let (dout, doutg) = pair(r, &[b, s, hq, d], 1.0, dt);
+            let cb = attention_bwd(&dout, &q, &k, &v, &c.out, &c.lse, sc, scale).unwrap();
+            let gb = attention_bwd(&doutg, &qg, &kg, &vg, &g.out, &g.lse, sg, scale).unwrap();
+            rep.check("attention_bwd", dt, &sh, "dq", &gb.dq, &cb.dq);
+            rep.check("attention_bwd", dt, &sh, "dk", &gb.dk, &cb.dk);
+            rep.check("attention_bwd", dt, &sh, "dv", &gb.dv, &cb.dv);
+        }
+    }
+    cuda::set_attention_tensor_cores(true);
 }
 
 fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
@@ -522,11 +530,18 @@ fn steady_state() -> (u64, u64) {
     (before, after)
 }
 
-fn bench() {
+fn bench(attn_only: bool) {
     let mut r = StdRng::seed_from_u64(11);
+    if !attn_only {
+        bench_gemm(&mut r);
+    }
+    bench_attention(&mut r);
+}
+
+fn bench_gemm(r: &mut StdRng) {
     let n = 8192;
-    let x = gpu_rand(&mut r, &[n, n], 1.0, DType::BF16);
-    let w = gpu_rand(&mut r, &[n, n], 1.0, DType::BF16);
+    let x = gpu_rand(r, &[n, n], 1.0, DType::BF16);
+    let w = gpu_rand(r, &[n, n], 1.0, DType::BF16);
     let t = time(10, || {
         let _ = linear_fwd(&x, &w).unwrap();
     });
@@ -544,26 +559,31 @@ fn bench() {
         t * 1e3,
         2.0 * fl / t / 1e12
     );
-    drop((x, w));
+}
+
+/// Causal GQA attention at the training shapes of qwen3-0.6b/1.7b/4b (s 4096) and a few more.
+fn bench_attention(r: &mut StdRng) {
     for (b, s, hq, hkv, d, tc) in [
-        (1usize, 4096usize, 32usize, 8usize, 128usize, true),
+        (4usize, 4096usize, 16usize, 8usize, 128usize, true),
+        (2, 4096, 16, 8, 128, true),
+        (1, 4096, 32, 8, 128, true),
         (4, 2048, 16, 8, 128, true),
         (1, 8192, 32, 8, 128, true),
         (1, 4096, 32, 8, 64, true),
         (1, 4096, 32, 8, 128, false),
     ] {
         cuda::set_attention_tensor_cores(tc);
-        let q = gpu_rand(&mut r, &[b, s, hq, d], 1.0, DType::BF16);
-        let k = gpu_rand(&mut r, &[b, s, hkv, d], 1.0, DType::BF16);
-        let v = gpu_rand(&mut r, &[b, s, hkv, d], 1.0, DType::BF16);
+        let q = gpu_rand(r, &[b, s, hq, d], 1.0, DType::BF16);
+        let k = gpu_rand(r, &[b, s, hkv, d], 1.0, DType::BF16);
+        let v = gpu_rand(r, &[b, s, hkv, d], 1.0, DType::BF16);
         let scale = 1.0 / (d as f32).sqrt();
         // Causal: half of the S² score matrix; fwd 2 GEMMs (4·b·hq·s²·d/2 FLOPs), bwd 2.5× that.
         let fl = 4.0 * (b * hq * d) as f64 * (s as f64).powi(2) / 2.0;
         let o = attention_fwd(&q, &k, &v, None, scale).unwrap();
-        let tf = time(3, || {
+        let tf = time(20, || {
             let _ = attention_fwd(&q, &k, &v, None, scale).unwrap();
         });
-        let tb = time(2, || {
+        let tb = time(10, || {
             let _ = attention_bwd(&o.out, &q, &k, &v, &o.out, &o.lse, None, scale).unwrap();
         });
         println!(
@@ -579,6 +599,8 @@ fn bench() {
 
 fn main() {
     let skip_bench = std::env::args().any(|a| a == "--skip-bench");
+    // `--attn-only`: attention parity (f32 + bf16) and the attention timings, nothing else.
+    let attn_only = std::env::args().any(|a| a == "--attn-only");
     let n = cuda::device_count();
     if n == 0 {
         eprintln!(
@@ -597,7 +619,14 @@ fn main() {
     );
     cuda::set_poison_allocations(&GPU, true).unwrap();
     let mut rep = Report { rows: Vec::new() };
-    run_parity(&mut rep);
+    if attn_only {
+        let mut r = StdRng::seed_from_u64(7);
+        for dt in [DType::F32, DType::BF16] {
+            attention_parity(&mut rep, &mut r, dt);
+        }
+    } else {
+        run_parity(&mut rep);
+    }
     cuda::set_poison_allocations(&GPU, false).unwrap();
     println!(
         "{:<16} {:<5} {:<30} {:<8} {:>10} {:>8}  ok",
@@ -628,7 +657,7 @@ fn main() {
         cuda::pool_stats(&GPU).unwrap().unwrap()
     );
     if !skip_bench {
-        bench();
+        bench(attn_only);
     }
     if fails > 0 || after != before {
         std::process::exit(1);

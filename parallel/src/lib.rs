@@ -6,11 +6,15 @@
 pub mod comm;
 pub mod comm_check;
 pub mod comm_check_gpu;
+pub mod context_parallel;
 pub mod data;
 pub mod dims;
+pub mod expert_parallel;
 pub mod hf;
+pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod train;
 pub mod tensor_parallel;
 pub mod zero;

@@ -6,7 +6,8 @@
 //! Every parameter is a flat `&mut [f32]` with a gradient `&[f32]` of the same length, addressed by its HF name
 //! (a [`ParamSlot`]). The optimizer keeps, per name, fp32 `exp_avg` and `exp_avg_sq` buffers of that length and a
 //! step count ([`AdamWState`]); a name's length may not change between steps. Host buffers are the CPU reference;
-//! a CUDA multi-tensor AdamW will take the same slots (device buffers) and the same per-name state.
+//! [`DeviceAdamW`] keeps the same per-name state as device tensors (fp32 masters and moments on the model's
+//! device) and runs the same maths through `qkernels::ops::adamw_step`.
 //!
 //! # One training step, as Megatron does it
 //!
@@ -23,6 +24,7 @@
 mod accum;
 mod adamw;
 mod clip;
+mod device;
 mod schedule;
 
 pub use accum::{accumulate, scale, zero};
@@ -30,6 +32,7 @@ pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamSlot, decays};
 pub use clip::{
     TORCH_CLIP_EPS, clip_coefficient, clip_grad_norm, global_grad_norm, scale_grads, sum_of_squares,
 };
+pub use device::{DeviceAdamW, DeviceOptimError, DeviceStepReport};
 pub use schedule::{DecayStyle, LrSchedule, Warmup};
 
 /// Optimizer errors; each names the parameter or the setting at fault.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use qparallel::data::{DataError, LoadOptions, PretrainDataset, TextTokenizer};
+use qparallel::data::{DataError, LoadOptions, PretrainDataset, TextCodec};
 use qparallel::train::{ModelSource, NoProgress, TrainConfig, run_training};
 
 /// A word-level tokenizer in HF `tokenizers` JSON: whitespace pre-tokenizer, ids 0 = `<eos>` (special),
@@ -45,8 +45,8 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 fn text_and_ids_lines_become_one_stream_cut_into_sequences() {
     let tmp = tempfile::tempdir().unwrap();
     write_tokenizer(tmp.path(), &["the", "cat", "sat", "on", "mat"]);
-    let tok = TextTokenizer::from_dir(tmp.path()).unwrap();
-    assert_eq!(tok.eos_id(), 0);
+    let tok = TextCodec::from_dir(tmp.path()).unwrap();
+    assert_eq!(tok.eos_id(), Some(0));
     assert_eq!(tok.encode("the cat sat").unwrap(), vec![2, 3, 4]);
     let a = write(
         tmp.path(),
@@ -176,7 +176,7 @@ fn qwen_style_tokenizer_matches_transformers_ids() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let tok = TextCodec::from_dir(&dir).unwrap();
     let cases = golden["encode"].as_array().unwrap();
     assert!(!cases.is_empty());
     for case in cases {
@@ -189,5 +189,5 @@ fn qwen_style_tokenizer_matches_transformers_ids() {
             .collect();
         assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
     }
-    println!("eos id {}", tok.eos_id());
+    println!("eos id {:?}", tok.eos_id());
 }

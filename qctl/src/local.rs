@@ -50,18 +50,7 @@ struct Progress {
 
 impl TrainObserver for Progress {
     fn on_start(&mut self, info: &RunInfo) {
-        match &info.resumed_from {
-            Some(dir) => eprintln!(
-                "resuming from {} at step {}/{}",
-                dir.display(),
-                info.start_step,
-                info.train_iters
-            ),
-            None => eprintln!(
-                "training {} parameters on {} sequences for {} steps",
-                info.param_count, info.sequences, info.train_iters
-            ),
-        }
+        eprintln!("{}", info.describe());
         if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(info.train_iters);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -121,9 +110,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.job)
         .with_context(|| format!("cannot read {}", args.job.display()))?;
     let spec = JobSpec::parse(&text, &args.job.display().to_string())?;
-    if spec.kind != JobKind::Pretrain {
+    if !matches!(spec.kind, JobKind::Pretrain | JobKind::Sft) {
         bail!(
-            "{}: key `kind`: `{}` cannot run with --local (supported: pretrain)",
+            "{}: key `kind`: `{}` cannot run with --local (supported: pretrain, sft)",
             args.job.display(),
             spec.kind
         );

@@ -1,7 +1,10 @@
 //! `qctl`: what people type. Cluster commands talk to a coordinator over gRPC (see `remote`); `up`
 //! runs a coordinator and this machine's worker in one process; `train --local` and `logits` run the
-//! engine here (see `local`).
+//! engine here (see `local`); `infer` chats with a model through the serving engine in this process (see
+//! `infer`).
 
+mod export;
+mod infer;
 mod local;
 mod remote;
 
@@ -61,8 +64,14 @@ enum Command {
     Up(UpArgs),
     /// Train in this process (`--local`).
     Train(local::TrainArgs),
+    /// Chat with a model in this process (swift infer): one --prompt, an interactive chat over stdin, or
+    /// batch inference over a messages JSONL (--val-dataset FILE --result-path OUT.jsonl).
+    Infer(infer::InferArgs),
     /// Run a model on token ids: prints the mean next-token loss, writes the logits.
     Logits(local::LogitsArgs),
+    /// Merge LoRA adapters into their base model: `export --adapters DIR --merge-lora --out DIR [--model DIR]`
+    /// writes a full HF model directory (W + alpha/r·B·A for every adapted layer).
+    Export(export::ExportArgs),
     /// Start this node's ranks without a coordinator (torchrun / Slurm / Alibaba DLC style): reads
     /// NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT (or DLC's WORLD_SIZE/RANK as node
     /// count/index); the ranks meet through a TCP store on node 0.
@@ -129,7 +138,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Rank => return qworker::rank::rank_main(),
         Command::Train(args) => return local::train(args),
+        Command::Infer(args) => return infer::infer(args, cli.output),
         Command::Logits(args) => return local::logits(args),
+        Command::Export(args) => return export::export(args),
         Command::Launch { job, run_dir } => return launch(&job, run_dir),
         _ => {}
     }
@@ -168,7 +179,9 @@ fn main() -> anyhow::Result<()> {
             Command::Up(_)
             | Command::Serve(_)
             | Command::Train(_)
+            | Command::Infer(_)
             | Command::Logits(_)
+            | Command::Export(_)
             | Command::Launch { .. }
             | Command::Rank => {
                 unreachable!("handled before the runtime starts")

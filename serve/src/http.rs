@@ -31,17 +31,15 @@ use axum::routing::{get, post};
 use qkernels::Device;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::engine::{
-    Engine, EngineConfig, EngineCore, EngineError, Event, FinishReason, InferenceModel,
-    SamplingParams,
-};
+pub use crate::chat::GenerationDefaults;
+use crate::chat::{ChatEngine, ChatError, ChatMessage, Generation, TemplateOptions};
+use crate::engine::{Engine, EngineConfig, EngineError, Event, FinishReason, SamplingParams};
 use crate::metrics::Metrics;
 use crate::reasoning::{ReasoningSplitter, Split};
-use crate::text::{TextCodec, TextError};
+use crate::text::TextError;
 
 /// What [`serve`] needs.
 #[derive(Debug, Clone)]
@@ -85,6 +83,8 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Text(#[from] TextError),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -141,40 +141,9 @@ impl ServerHandle {
     }
 }
 
-/// Sampling defaults from the model's `generation_config.json` (`temperature`, `top_p`, `top_k`,
-/// `repetition_penalty`), used for fields a request leaves out, as vLLM does; OpenAI's defaults otherwise.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GenerationDefaults {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub repetition_penalty: Option<f32>,
-}
-
-impl GenerationDefaults {
-    /// Reads `dir/generation_config.json`; a missing file or field gives `None`.
-    pub fn from_dir(dir: &std::path::Path) -> Self {
-        let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
-            return Self::default();
-        };
-        let Ok(v) = serde_json::from_str::<Json>(&text) else {
-            return Self::default();
-        };
-        let f = |k: &str| v.get(k).and_then(Json::as_f64).map(|x| x as f32);
-        GenerationDefaults {
-            temperature: f("temperature"),
-            top_p: f("top_p"),
-            top_k: v.get("top_k").and_then(Json::as_i64),
-            repetition_penalty: f("repetition_penalty"),
-        }
-    }
-}
-
 struct AppState {
     reasoning_parser: bool,
-    defaults: GenerationDefaults,
-    engine: Engine,
-    codec: Arc<TextCodec>,
+    chat: ChatEngine,
     model: String,
     api_key: Option<String>,
     metrics: Arc<Metrics>,
@@ -188,24 +157,11 @@ pub async fn serve(config: ServeConfig) -> Result<ServerHandle, ServeError> {
         return Err(ServeError::UnsupportedDevice(config.device));
     }
     let dir = config.model_dir.clone();
-    let device = config.device;
-    let (model, codec) = tokio::task::spawn_blocking(move || {
-        let model = InferenceModel::from_hf_dir(&dir, device)?;
-        let codec = TextCodec::from_dir(&dir)?;
-        Ok::<_, ServeError>((model, codec))
-    })
-    .await
-    .map_err(|e| ServeError::Join(e.to_string()))??;
-    let codec = Arc::new(codec);
-    let metrics = Arc::new(Metrics::default());
-    let core = EngineCore::new(
-        model,
-        config.engine,
-        codec.eos_ids().to_vec(),
-        Some(codec.clone()),
-        metrics.clone(),
-    )?;
-    let engine = Engine::start(core, metrics.clone());
+    let (device, engine_config) = (config.device, config.engine);
+    let chat = tokio::task::spawn_blocking(move || ChatEngine::load(&dir, device, engine_config))
+        .await
+        .map_err(|e| ServeError::Join(e.to_string()))??;
+    let engine = chat.engine().clone();
     let name = config.served_model_name.clone().unwrap_or_else(|| {
         config
             .model_dir
@@ -215,12 +171,10 @@ pub async fn serve(config: ServeConfig) -> Result<ServerHandle, ServeError> {
     });
     let state = Arc::new(AppState {
         reasoning_parser: config.reasoning_parser,
-        defaults: GenerationDefaults::from_dir(&config.model_dir),
-        engine: engine.clone(),
-        codec,
+        chat,
         model: name.clone(),
         api_key: config.api_key.clone(),
-        metrics,
+        metrics: engine.metrics().clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -418,30 +372,6 @@ enum Stop {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: Option<Content>,
-    name: Option<String>,
-    tool_calls: Option<minijinja::Value>,
-    tool_call_id: Option<String>,
-    reasoning_content: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
 struct StreamOptions {
     include_usage: Option<bool>,
 }
@@ -598,61 +528,6 @@ impl SamplingFields {
     }
 }
 
-fn message_value(m: &ChatMessage) -> Result<minijinja::Value, ApiError> {
-    if !["system", "user", "assistant", "tool", "developer"].contains(&m.role.as_str()) {
-        return Err(ApiError::bad_request(
-            format!("unknown message role `{}`", m.role),
-            Some("messages"),
-        ));
-    }
-    let content = match &m.content {
-        None => None,
-        Some(Content::Text(t)) => Some(t.clone()),
-        Some(Content::Parts(parts)) => {
-            let mut s = String::new();
-            for p in parts {
-                match (p.kind.as_str(), &p.text) {
-                    ("text", Some(t)) => s.push_str(t),
-                    (k, _) => {
-                        return Err(ApiError::bad_request(
-                            format!("content part type `{k}` is not supported"),
-                            Some("messages"),
-                        ));
-                    }
-                }
-            }
-            Some(s)
-        }
-    };
-    let role = if m.role == "developer" {
-        "system"
-    } else {
-        m.role.as_str()
-    };
-    let mut entries: Vec<(&str, minijinja::Value)> = vec![
-        ("role", role.into()),
-        (
-            "content",
-            content
-                .map(minijinja::Value::from)
-                .unwrap_or(minijinja::Value::from(())),
-        ),
-    ];
-    if let Some(n) = &m.name {
-        entries.push(("name", n.clone().into()));
-    }
-    if let Some(t) = &m.tool_calls {
-        entries.push(("tool_calls", t.clone()));
-    }
-    if let Some(t) = &m.tool_call_id {
-        entries.push(("tool_call_id", t.clone().into()));
-    }
-    if let Some(r) = &m.reasoning_content {
-        entries.push(("reasoning_content", r.clone().into()));
-    }
-    Ok(minijinja::Value::from_iter(entries))
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -669,7 +544,7 @@ fn new_id(prefix: &str) -> String {
 
 /// 200 while the engine thread runs, 503 once it has stopped.
 async fn health(State(st): State<Shared>) -> Response {
-    if st.engine.is_running() {
+    if st.chat.engine().is_running() {
         (
             [(header::CONTENT_TYPE, "application/json")],
             r#"{"status":"ok"}"#,
@@ -703,7 +578,7 @@ async fn models(State(st): State<Shared>, headers: HeaderMap) -> Response {
                 "object": "model",
                 "created": now_secs(),
                 "owned_by": "qcluster",
-                "max_model_len": st.engine.limits().max_model_len,
+                "max_model_len": st.chat.engine().limits().max_model_len,
             }]
         }))
         .into_response()
@@ -724,7 +599,7 @@ struct Job {
     id: String,
     created: u64,
     model: String,
-    rx: UnboundedReceiver<Event>,
+    generation: Generation,
     include_usage: bool,
     /// Text to put before the generated text (`echo`).
     prefix: String,
@@ -754,50 +629,44 @@ async fn chat_job(
             Some("messages"),
         ));
     }
-    let messages = req
-        .messages
-        .iter()
-        .map(message_value)
-        .collect::<Result<Vec<_>, _>>()?;
-    let kwargs: Vec<(String, minijinja::Value)> = req
-        .chat_template_kwargs
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), minijinja::Value::from_serialize(v)))
-        .collect();
-    let tools = req
-        .tools
-        .as_ref()
-        .filter(|t| !t.is_none() && !t.is_undefined());
-    let text = st
-        .codec
-        .apply_chat_template(
-            &messages,
-            tools,
-            req.add_generation_prompt.unwrap_or(true),
-            &kwargs,
-        )
+    let options = TemplateOptions {
+        tools: req.tools.clone(),
+        add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+        kwargs: req
+            .chat_template_kwargs
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), minijinja::Value::from_serialize(v)))
+            .collect(),
+    };
+    let prompt = st
+        .chat
+        .render(&req.messages, &options)
         .map_err(|e| match e {
-            TextError::NoChatTemplate => {
+            ChatError::Text(TextError::NoChatTemplate) => {
                 ApiError::bad_request("this model has no chat template; use /v1/completions", None)
             }
+            ChatError::Text(TextError::Encode(m)) => ApiError::internal(m),
             e => ApiError::bad_request(e.to_string(), Some("messages")),
-        })?;
-    let prompt = st
-        .codec
-        .encode(&text)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let params =
-        req.sampling
-            .to_params(prompt.len(), st.engine.limits().max_model_len, &st.defaults)?;
-    let rx = st.engine.submit(prompt, params)?;
+        })?
+        .ids;
+    let params = req.sampling.to_params(
+        prompt.len(),
+        st.chat.engine().limits().max_model_len,
+        st.chat.defaults(),
+    )?;
+    let generation = st
+        .chat
+        .engine()
+        .submit(prompt, params)
+        .map(Generation::new)?;
     Ok((
         Job {
             api: Api::Chat,
             id: new_id("chatcmpl"),
             created: now_secs(),
             model: st.model.clone(),
-            rx,
+            generation,
             include_usage: req.sampling.include_usage(),
             prefix: String::new(),
             reasoning: st.reasoning_parser.then(ReasoningSplitter::default),
@@ -824,13 +693,15 @@ async fn completion_job(
     check_model(st, &req.model)?;
     let (prompt, prompt_text) = match &req.prompt {
         Prompt::Text(t) => (
-            st.codec
+            st.chat
+                .codec()
                 .encode(t)
                 .map_err(|e| ApiError::internal(e.to_string()))?,
             t.clone(),
         ),
         Prompt::Texts(v) if v.len() == 1 => (
-            st.codec
+            st.chat
+                .codec()
                 .encode(&v[0])
                 .map_err(|e| ApiError::internal(e.to_string()))?,
             v[0].clone(),
@@ -841,28 +712,38 @@ async fn completion_job(
                 Some("prompt"),
             ));
         }
-        Prompt::Ids(ids) => (ids.clone(), st.codec.decode(ids, false).unwrap_or_default()),
+        Prompt::Ids(ids) => (
+            ids.clone(),
+            st.chat.codec().decode(ids, false).unwrap_or_default(),
+        ),
     };
     if prompt.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
     }
-    let params =
-        req.sampling
-            .to_params(prompt.len(), st.engine.limits().max_model_len, &st.defaults)?;
-    let rx = st.engine.submit(prompt, params).map_err(|e| {
-        let mut e = ApiError::from(e);
-        if e.param == Some("messages") {
-            e.param = Some("prompt");
-        }
-        e
-    })?;
+    let params = req.sampling.to_params(
+        prompt.len(),
+        st.chat.engine().limits().max_model_len,
+        st.chat.defaults(),
+    )?;
+    let generation = st
+        .chat
+        .engine()
+        .submit(prompt, params)
+        .map(Generation::new)
+        .map_err(|e| {
+            let mut e = ApiError::from(e);
+            if e.param == Some("messages") {
+                e.param = Some("prompt");
+            }
+            e
+        })?;
     Ok((
         Job {
             api: Api::Completion,
             id: new_id("cmpl"),
             created: now_secs(),
             model: st.model.clone(),
-            rx,
+            generation,
             include_usage: req.sampling.include_usage(),
             prefix: if req.echo.unwrap_or(false) {
                 prompt_text
@@ -892,61 +773,48 @@ async fn respond(job: Job, stream: bool) -> Result<Response, ApiError> {
 }
 
 /// Non-streaming answer: waits for the end of the generation.
-async fn collect(mut job: Job) -> Result<Response, ApiError> {
-    let mut text = job.prefix.clone();
-    loop {
-        match job.rx.recv().await {
-            Some(Event::Delta { text: t, .. }) => text.push_str(&t),
-            Some(Event::Finished {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-                error,
-            }) => {
-                if reason == FinishReason::Abort {
-                    return Err(ApiError::internal(
-                        error.unwrap_or_else(|| "generation aborted".into()),
-                    ));
-                }
-                let message = match &job.reasoning {
-                    Some(_) => {
-                        let sp = ReasoningSplitter::split(&text);
-                        let r = (!sp.reasoning.is_empty()).then_some(sp.reasoning);
-                        json!({"role": "assistant", "content": sp.content, "reasoning_content": r})
-                    }
-                    None => json!({"role": "assistant", "content": text}),
-                };
-                let choice = match job.api {
-                    Api::Chat => json!({
-                        "index": 0,
-                        "message": message,
-                        "logprobs": null,
-                        "finish_reason": reason.as_str(),
-                    }),
-                    Api::Completion => json!({
-                        "index": 0,
-                        "text": text,
-                        "logprobs": null,
-                        "finish_reason": reason.as_str(),
-                    }),
-                };
-                let object = match job.api {
-                    Api::Chat => "chat.completion",
-                    Api::Completion => "text_completion",
-                };
-                return Ok(axum::Json(json!({
-                    "id": job.id,
-                    "object": object,
-                    "created": job.created,
-                    "model": job.model,
-                    "choices": [choice],
-                    "usage": usage(prompt_tokens, completion_tokens),
-                }))
-                .into_response());
-            }
-            None => return Err(ApiError::internal("the engine stopped")),
+async fn collect(job: Job) -> Result<Response, ApiError> {
+    let done = job.generation.collect().await.map_err(|e| match e {
+        ChatError::Aborted(m) => ApiError::internal(m),
+        e => ApiError::internal(e.to_string()),
+    })?;
+    let text = format!("{}{}", job.prefix, done.text);
+    let reason = done.finish_reason;
+    let message = match &job.reasoning {
+        Some(_) => {
+            let sp = ReasoningSplitter::split(&text);
+            let r = (!sp.reasoning.is_empty()).then_some(sp.reasoning);
+            json!({"role": "assistant", "content": sp.content, "reasoning_content": r})
         }
-    }
+        None => json!({"role": "assistant", "content": text}),
+    };
+    let choice = match job.api {
+        Api::Chat => json!({
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": reason.as_str(),
+        }),
+        Api::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": null,
+            "finish_reason": reason.as_str(),
+        }),
+    };
+    let object = match job.api {
+        Api::Chat => "chat.completion",
+        Api::Completion => "text_completion",
+    };
+    Ok(axum::Json(json!({
+        "id": job.id,
+        "object": object,
+        "created": job.created,
+        "model": job.model,
+        "choices": [choice],
+        "usage": usage(done.prompt_tokens, done.completion_tokens),
+    }))
+    .into_response())
 }
 
 /// State of one SSE stream.
@@ -1075,7 +943,7 @@ fn sse(job: Job) -> Response {
             if st.done {
                 return None;
             }
-            let ev = st.job.rx.recv().await;
+            let ev = st.job.generation.recv().await;
             st.on_event(ev);
         }
     });

@@ -269,6 +269,15 @@ train_iters: 12\nsave_steps: 6\nlogging_steps: 3\n",
     assert!(s.events.iter().any(|e| e.text.contains("checkpoint step 6 committed")), "{:#?}", s.events);
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 4, "steps 3, 6, 9, 12: {metrics}");
+    // The same curves as TensorBoard events (one file for this one-attempt run).
+    let events: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let scalars = qparallel::train::tensorboard::read_scalars(&events[0]).unwrap();
+    let loss_steps: Vec<u64> = scalars.iter().filter(|(_, tag, _)| tag == "train/loss").map(|(s, _, _)| *s).collect();
+    assert_eq!(loss_steps, vec![3, 6, 9, 12]);
+    let first_metric: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let first_loss = scalars.iter().find(|(s, tag, _)| *s == 3 && tag == "train/loss").unwrap().2;
+    assert!((first_loss as f64 - first_metric["loss"].as_f64().unwrap()).abs() < 1e-5);
     let logs = c.logs(&id).await.unwrap();
     assert!(logs.contains("step 12/12 loss"), "{logs}");
     c.shutdown().await;

@@ -296,7 +296,7 @@ pub fn rank_main() -> anyhow::Result<()> {
     );
     match spec.kind {
         JobKind::CommCheck => run_comm_check(env, &spec),
-        JobKind::Pretrain => {
+        JobKind::Pretrain | JobKind::Sft => {
             let mut link = RankLink::connect(&env)?;
             crate::training::run_rank_training(&env, &spec, &mut link)
         }

@@ -6,6 +6,8 @@ use crate::rank::{RankEnv, RankLink};
 use anyhow::bail;
 use qcluster_proto::v1 as pb;
 use qjobspec::{JobSpec, LrDecayStyle, ModelSource as SpecModel, Resume as SpecResume};
+use qparallel::data::{SftOptions, Truncation};
+use qparallel::lora::{LoraConfig, TargetModules};
 use qparallel::optim::{AdamWConfig, DecayStyle, Warmup};
 use qparallel::train::{ModelSource, Resume, RunInfo, StepMetrics, TrainConfig, TrainObserver, run_training};
 use std::collections::HashMap;
@@ -17,7 +19,7 @@ use std::time::Instant;
 pub fn train_config(spec: &JobSpec) -> anyhow::Result<TrainConfig> {
     let Some(t) = spec.training() else {
         bail!(
-            "kind `{}` does not train; `qctl train` runs kind: pretrain",
+            "kind `{}` does not train; `qctl train` runs kind: pretrain or sft",
             spec.kind
         );
     };
@@ -69,9 +71,47 @@ pub fn train_config(spec: &JobSpec) -> anyhow::Result<TrainConfig> {
         SpecResume::None => Resume::None,
         SpecResume::Path(p) => Resume::Path(p.into()),
     };
+    c.sft = t.sft.as_ref().map(sft_options).transpose()?;
+    c.lora = t.lora.as_ref().map(lora_config).transpose()?;
     Ok(c)
 }
 
+
+/// The SFT data settings of a job (`kind: sft`); the spec has validated every value.
+fn sft_options(s: &qjobspec::SftSettings) -> anyhow::Result<SftOptions> {
+    let pair = |b: &Option<qjobspec::Bilingual>| b.as_ref().map(|b| (b.zh.clone(), b.en.clone()));
+    Ok(SftOptions {
+        loss_scale: s
+            .loss_scale
+            .parse()
+            .map_err(|e| anyhow::anyhow!("key `loss_scale`: {e}"))?,
+        packing: s.packing,
+        strict: s.strict,
+        truncation: match s.truncation {
+            qjobspec::Truncation::Delete => Truncation::Delete,
+            qjobspec::Truncation::Left => Truncation::Left,
+            qjobspec::Truncation::Right => Truncation::Right,
+        },
+        shuffle: s.shuffle,
+        model_name: pair(&s.model_name),
+        model_author: pair(&s.model_author),
+    })
+}
+
+/// The adapter settings of a job (`train_type: lora`).
+fn lora_config(l: &qjobspec::LoraSettings) -> anyhow::Result<LoraConfig> {
+    let target_modules: TargetModules = l
+        .target_modules
+        .join(",")
+        .parse()
+        .map_err(|e| anyhow::anyhow!("key `target_modules`: {e}"))?;
+    Ok(LoraConfig {
+        rank: l.rank as usize,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        target_modules,
+    })
+}
 
 /// Reports a rank's training progress (at most every `REPORT_EVERY`, and every logged step) and every
 /// committed checkpoint through its [`RankLink`].
@@ -89,10 +129,7 @@ impl TrainObserver for Reporter<'_> {
     fn on_start(&mut self, info: &RunInfo) {
         self.start_step = info.start_step;
         self.start = Instant::now();
-        match &info.resumed_from {
-            Some(dir) => eprintln!("resuming from {} at step {}/{}", dir.display(), info.start_step, info.train_iters),
-            None => eprintln!("training {} parameters for {} steps", info.param_count, info.train_iters),
-        }
+        eprintln!("{}", info.describe());
     }
 
     fn on_step(&mut self, m: &StepMetrics) -> ControlFlow<()> {

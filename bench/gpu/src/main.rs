@@ -63,10 +63,12 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("parity") => parity(&args[1..]),
         Some("train-step") => train_step(&args[1..]),
+        Some("optim-parity") => optim_parity(),
         _ => {
             eprintln!(
                 "usage: qcluster-gpu-bench parity [--fixtures DIR] [--tol X]\n       \
-                 qcluster-gpu-bench train-step MODEL SEQ MBS STEPS [--ckpt] [--no-breakdown]\n\
+                 qcluster-gpu-bench train-step MODEL SEQ MBS STEPS [--ckpt] [--no-breakdown] [--optimizer]\n       \
+                 qcluster-gpu-bench optim-parity\n\
                  MODEL: qwen3-0.6b | qwen3-1.7b | qwen3-4b | qwen3-8b | qwen3-50m"
             );
             return ExitCode::from(2);
@@ -452,6 +454,53 @@ fn parity(args: &[String]) -> R<bool> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// optim-parity
+
+/// The fused AdamW kernel and the sum of squares on the GPU against the host loop, on random inputs of odd
+/// sizes (NaN-poisoned outputs are impossible to miss: every output element is compared).
+fn optim_parity() -> R<bool> {
+    use qkernels::ops::{AdamWScalars, adamw_step, adamw_update_host, sum_squares};
+    let mut pool = Pool::new(77);
+    let mut ok = true;
+    for (n, step, scale) in [(1usize, 1u64, 1.0f32), (1000, 3, 0.25), (1 << 20 | 7, 10, 1.0)] {
+        let (p, g, m) = (pool.host(n, 1.0), pool.host(n, 1.0), pool.host(n, 0.1));
+        let v: Vec<f32> = pool.host(n, 0.01).iter().map(|x| x * x).collect();
+        let s = AdamWScalars::new(0.9, 0.95, 1e-8, 3e-4, 0.1, step);
+        let (mut hp, mut hm, mut hv) = (p.clone(), m.clone(), v.clone());
+        adamw_update_host(&s, scale, &mut hp, &g, &mut hm, &mut hv);
+        let t = |x: &Vec<f32>| Tensor::from_f32(x.clone(), &[n], &gpu());
+        let out = adamw_step(&t(&p)?, &t(&g)?, &t(&m)?, &t(&v)?, &s, scale, DType::BF16)?;
+        // Normwise: max |a − b| / max |b| (elementwise relative error is meaningless where m crosses zero).
+        let rel = |a: &[f32], b: &[f32]| {
+            let scale = b.iter().fold(0f32, |acc, y| acc.max(y.abs())).max(f32::MIN_POSITIVE);
+            a.iter().zip(b).map(|(x, y)| ((x - y).abs() / scale) as f64).fold(0.0, f64::max)
+        };
+        let (ep, em, ev) = (
+            rel(&out.master.to_vec_f32()?, &hp),
+            rel(&out.exp_avg.to_vec_f32()?, &hm),
+            rel(&out.exp_avg_sq.to_vec_f32()?, &hv),
+        );
+        let ew = rel(&out.weight.to_vec_f32()?, &hp);
+        let pass = ep <= 1e-6 && em <= 1e-6 && ev <= 1e-6 && ew <= 1.0 / 128.0;
+        ok &= pass;
+        println!("adamw n={n} step={step} scale={scale}: max rel err master {ep:.2e} m {em:.2e} v {ev:.2e} bf16 weight {ew:.2e} {}", if pass { "ok" } else { "FAIL" });
+    }
+    let a = pool.host(12345, 1.0);
+    let b = pool.host(777, 3.0);
+    let host: f64 = a.iter().chain(&b).map(|&x| (x as f64) * (x as f64)).sum();
+    let ta = Tensor::from_f32(a, &[12345], &gpu())?;
+    let tb = Tensor::from_f32(b, &[777], &gpu())?.to_dtype(DType::BF16)?;
+    let host_b: f64 = tb.to_vec_f32()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    let host_a: f64 = ta.to_vec_f32()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    let dev = sum_squares(&[&ta, &tb])?;
+    let err = (dev - (host_a + host_b)).abs() / (host_a + host_b);
+    let pass = err <= 1e-5;
+    ok &= pass;
+    println!("sum_squares f32+bf16: {dev:.6} vs host {:.6} (f32 inputs {host:.6}) rel err {err:.2e} {}", host_a + host_b, if pass { "ok" } else { "FAIL" });
+    println!("optim-parity: {}", if ok { "PASS" } else { "FAIL" });
+    Ok(ok)
+}
+
 // train-step
 
 fn official_config(name: &str) -> R<ModelConfig> {
@@ -483,7 +532,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn train_step(args: &[String]) -> R<bool> {
     let pos: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     if pos.len() != 4 {
-        return Err("train-step MODEL SEQ MBS STEPS [--ckpt] [--no-breakdown]".into());
+        return Err("train-step MODEL SEQ MBS STEPS [--ckpt] [--no-breakdown] [--optimizer]".into());
     }
     let name = pos[0].as_str();
     let seq: usize = pos[1].parse()?;
@@ -491,6 +540,7 @@ fn train_step(args: &[String]) -> R<bool> {
     let steps: usize = pos[3].parse()?;
     let ckpt = args.iter().any(|a| a == "--ckpt");
     let breakdown = !args.iter().any(|a| a == "--no-breakdown");
+    let with_optimizer = args.iter().any(|a| a == "--optimizer");
     let cfg = official_config(name)?;
     let dev = cuda_dev()?;
     let pool_stats = || dev.as_ref().map(|d| d.pool_stats()).unwrap_or_default();
@@ -512,7 +562,13 @@ fn train_step(args: &[String]) -> R<bool> {
     if let Some(d) = &dev {
         d.release_cache()?; // the f32 staging copies
     }
-    let model = Qwen3Model::new(cfg.clone(), params, gpu()).with_gradient_checkpointing(ckpt);
+    let mut model = Qwen3Model::new(cfg.clone(), params, gpu()).with_gradient_checkpointing(ckpt);
+    // With --optimizer: fp32 masters + AdamW moments on the GPU, clipping at 1.0, torch_baseline's lr.
+    let mut optimizer = if with_optimizer {
+        Some(qparallel::optim::DeviceAdamW::new(&model, qparallel::optim::AdamWConfig::default(), 0.1)?)
+    } else {
+        None
+    };
     let init_s = t0.elapsed().as_secs_f64();
 
     let mut rng = Rng(42);
@@ -523,7 +579,10 @@ fn train_step(args: &[String]) -> R<bool> {
     // Warm-up: NVRTC compile / module load, cuBLASLt heuristics, allocator fill.
     let tw = Instant::now();
     for _ in 0..2 {
-        model.forward_backward(&batch)?;
+        let out = model.forward_backward(&batch)?;
+        if let Some(opt) = optimizer.as_mut() {
+            opt.step(&mut model, &out.grads, 1e-5, 1.0)?;
+        }
     }
     cuda::synchronize(&gpu())?;
     let warm_s = tw.elapsed().as_secs_f64();
@@ -536,6 +595,9 @@ fn train_step(args: &[String]) -> R<bool> {
         let t = Instant::now();
         let out = model.forward_backward(&batch)?;
         loss = out.loss;
+        if let Some(opt) = optimizer.as_mut() {
+            opt.step(&mut model, &out.grads, 1e-5, 1.0)?;
+        }
         drop(out);
         cuda::synchronize(&gpu())?;
         per_step.push(t.elapsed().as_secs_f64());
@@ -558,7 +620,11 @@ fn train_step(args: &[String]) -> R<bool> {
     let j = serde_json::json!({
         "system": format!("qcluster-rust{}", if ckpt { "+ckpt" } else { "" }),
         "model": name, "params": cfg.param_count(), "seq": seq, "mbs": mbs, "steps": steps,
-        "includes": "forward+loss+backward (bf16 weights/activations, f32 weight grads); NO optimizer step",
+        "includes": if with_optimizer {
+            "forward+loss+backward (bf16 weights/activations, f32 weight grads) + grad-norm clipping + AdamW on fp32 masters (GPU)"
+        } else {
+            "forward+loss+backward (bf16 weights/activations, f32 weight grads); NO optimizer step"
+        },
         "step_s": (step_s * 1e4).round() / 1e4,
         "step_s_median": (median(per_step.clone()) * 1e4).round() / 1e4,
         "step_s_min": (per_step.iter().cloned().fold(f64::INFINITY, f64::min) * 1e4).round() / 1e4,

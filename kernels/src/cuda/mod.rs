@@ -13,6 +13,7 @@
 //! - [`gemm`]: row-major GEMMs on cuBLASLt (bf16 or f32 in, f32 accumulate).
 //! - [`ops`]: the CUDA implementation of every op the model needs, called from the dispatch arms in
 //!   [`crate::ops`] and [`crate::Tensor`].
+//! - [`optim`]: the fused AdamW step and the sum of squares for the gradient norm ([`crate::ops::adamw`]).
 //!
 //! Dtypes on CUDA: activations and weights may be `F32` or `BF16` (all float operands of one call share one
 //! dtype); compute is f32; saved statistics (`rstd`, `lse`) and weight gradients (`dw`, `dtable`, MoE
@@ -38,6 +39,7 @@ pub mod device;
 pub mod gemm;
 pub mod nvrtc;
 pub mod ops;
+pub mod optim;
 pub mod storage;
 
 use crate::device::Device;

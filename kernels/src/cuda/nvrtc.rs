@@ -48,6 +48,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("../../cuda/attention.cu")),
     ("attention_tc", include_str!("../../cuda/attention_tc.cu")),
     ("moe", include_str!("../../cuda/moe.cu")),
+    ("optim", include_str!("../../cuda/optim.cu")),
 ];
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {

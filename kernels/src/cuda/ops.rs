@@ -1012,15 +1012,80 @@ const PTILES: usize = 4 * 8 * 32;
 
 static ATTN_TC: AtomicBool = AtomicBool::new(true);
 
-/// Chooses the tensor-core attention kernels (`attention_tc.cu`: bf16, head_dim 64 or 128) when `on` (the
+/// Chooses the tensor-core attention kernels (`attention_tc.cu`: Hopper, bf16, head_dim 64 or 128) when `on` (the
 /// default), or forces the CUDA-core kernels (`attention.cu`: any float dtype, head_dim ≤ 256) for every call in
 /// this process. The parity example checks both.
 pub fn set_attention_tensor_cores(on: bool) {
     ATTN_TC.store(on, Ordering::Relaxed);
 }
 
-fn use_tc(dt: DType, d: usize) -> bool {
-    dt == DType::BF16 && (d == 64 || d == 128) && ATTN_TC.load(Ordering::Relaxed)
+/// The tensor-core kernels are Hopper code (wgmma, TMA, setmaxnreg; built only for `sm_90a`); other GPUs use
+/// `attention.cu`.
+fn use_tc(dev: &CudaDev, dt: DType, d: usize) -> bool {
+    dt == DType::BF16
+        && (d == 64 || d == 128)
+        && dev.compute_capability() == (9, 0)
+        && ATTN_TC.load(Ordering::Relaxed)
+}
+
+// Launch shapes of the tensor-core kernels (see the header of attention_tc.cu): 384 threads (a producer and two
+// consumer warpgroups) a block; fwd and dq own 128 queries a block, dkdv 128 keys; grid (batch·heads, blocks along
+// the sequence). Dynamic shared memory (1024 B of it for aligning the swizzled tiles): fwd Q + 3 stages of K,V
+// (128 rows) + 7 mbarriers; dq Q, dO + 2 stages of K,V (128 rows) + 5 mbarriers; dkdv K, V (128 rows) + 2 stages of
+// Q, dO (64 rows) + 5 mbarriers + 2 stages of the tile's lse, Dd and segments.
+const TC_ROWS: usize = 128;
+const TC_THREADS: u32 = 384;
+
+fn tc_smem_fwd(d: usize) -> usize {
+    1024 + 128 * d * 2 + 3 * 2 * 128 * d * 2 + 8 * 7
+}
+
+fn tc_smem_dq(d: usize) -> usize {
+    1024 + 2 * 128 * d * 2 + 2 * 2 * 128 * d * 2 + 8 * 5
+}
+
+fn tc_smem_dkdv(d: usize) -> usize {
+    1024 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + 8 * 5 + 2 * 3 * 64 * 4
+}
+
+/// TMA descriptor (`CUtensorMap`, passed by value) of a contiguous `[B, S, H, D]` bf16 tensor: boxes of 64 columns
+/// × `rows` rows of one (batch, head), 128-byte swizzle (the layout the kernels' wgmma descriptors expect), rows
+/// past S read as zeros.
+fn tma_map(t: &Tensor, rows: usize) -> Result<KArg> {
+    use cudarc::driver::sys;
+    let sh = t.shape();
+    let (b, s, h, d) = (sh[0], sh[1], sh[2], sh[3]);
+    let dims: [u64; 4] = [d as u64, h as u64, s as u64, b as u64];
+    let strides: [u64; 3] = [(d * 2) as u64, (h * d * 2) as u64, (s * h * d * 2) as u64];
+    let boxd: [u32; 4] = [64, 1, rows as u32, 1];
+    let elem: [u32; 4] = [1; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: `map` is a properly aligned CUtensorMap to write; the arrays outlive the call and have the lengths
+    // the rank (4) implies; the address is a live device allocation of b·s·h·d bf16 elements.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            4,
+            st(t)?.ptr() as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+    }
+    // SAFETY: initialised by the successful call above.
+    let map = unsafe { map.assume_init() };
+    let mut words = [0i64; 18];
+    for (w, v) in words.iter_mut().zip(map.opaque.iter()) {
+        *w = *v as i64;
+    }
+    Ok(KArg::Strides(words))
 }
 
 /// `(out, lse)`; see [`crate::ops::attention`].
@@ -1047,35 +1112,40 @@ pub fn attention_fwd(
         Some(t) => st(t)?.ptr(),
         None => 0,
     };
-    let (module, name, rows, block, smem) = if use_tc(dt, d) {
-        // 8 warps, 128 queries a block (see attention_tc.cu).
-        let smem = (128 + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4;
-        ("attention_tc", format!("attn_fwd_tc8_d{d}"), 128, 256, smem)
+    let tail = [
+        KArg::Ptr(segp),
+        KArg::Ptr(o.ptr()),
+        KArg::Ptr(lse.ptr()),
+        KArg::I32(s as i32),
+        KArg::I32(hq as i32),
+        KArg::I32(hkv as i32),
+        KArg::I32(d as i32),
+        KArg::F32(scale),
+    ];
+    if use_tc(&dev, dt, d) {
+        let mut args = vec![tma_map(q, 128)?, tma_map(k, 128)?, tma_map(v, 128)?];
+        args.extend(tail);
+        dev.launch(
+            "attention_tc",
+            &format!("attn_fwd_tc_d{d}"),
+            ((b * hq) as u32, s.div_ceil(TC_ROWS) as u32, 1),
+            TC_THREADS,
+            tc_smem_fwd(d) as u32,
+            &mut args,
+        )?;
     } else {
         let smem = 4 * (TILE * d + TILE * (d + 1) + TILE * d + TILE + PTILES);
-        let name = format!("attn_fwd_{}_d{}", sfx(op, dt)?, d_bucket(d));
-        ("attention", name, TILE, 128, smem)
-    };
-    dev.launch(
-        module,
-        &name,
-        (s.div_ceil(rows) as u32, hq as u32, b as u32),
-        block,
-        smem as u32,
-        &mut [
-            ptr(q)?,
-            ptr(k)?,
-            ptr(v)?,
-            KArg::Ptr(segp),
-            KArg::Ptr(o.ptr()),
-            KArg::Ptr(lse.ptr()),
-            KArg::I32(s as i32),
-            KArg::I32(hq as i32),
-            KArg::I32(hkv as i32),
-            KArg::I32(d as i32),
-            KArg::F32(scale),
-        ],
-    )?;
+        let mut args = vec![ptr(q)?, ptr(k)?, ptr(v)?];
+        args.extend(tail);
+        dev.launch(
+            "attention",
+            &format!("attn_fwd_{}_d{}", sfx(op, dt)?, d_bucket(d)),
+            (s.div_ceil(TILE) as u32, hq as u32, b as u32),
+            128,
+            smem as u32,
+            &mut args,
+        )?;
+    }
     Ok((out(o), out(lse)))
 }
 
@@ -1138,22 +1208,57 @@ pub fn attention_bwd(
     let dq = CudaStorage::alloc(&dev, q.shape(), dt)?;
     let dk = CudaStorage::alloc(&dev, k.shape(), dt)?;
     let dv = CudaStorage::alloc(&dev, v.shape(), dt)?;
-    let tc = use_tc(dt, d);
-    let (module, name, rows, smem_dq) = if tc {
-        let smem = 2 * 64 * (d + 8) * 2 + 4 * 32 * (d + 8) * 2 + 2 * 32 * 4;
-        ("attention_tc", format!("attn_bwd_dq_tc_d{d}"), 64, smem)
+    let dims = [
+        KArg::I32(s as i32),
+        KArg::I32(hq as i32),
+        KArg::I32(hkv as i32),
+        KArg::I32(d as i32),
+        KArg::F32(scale),
+    ];
+    if use_tc(&dev, dt, d) {
+        let mut args = vec![
+            tma_map(q, 128)?,
+            tma_map(k, 128)?,
+            tma_map(v, 128)?,
+            tma_map(dout, 128)?,
+            KArg::Ptr(segp),
+            ptr(lse)?,
+            KArg::Ptr(dd.ptr()),
+            KArg::Ptr(dq.ptr()),
+        ];
+        args.extend(dims);
+        dev.launch(
+            "attention_tc",
+            &format!("attn_bwd_dq_tc_d{d}"),
+            ((b * hq) as u32, s.div_ceil(TC_ROWS) as u32, 1),
+            TC_THREADS,
+            tc_smem_dq(d) as u32,
+            &mut args,
+        )?;
+        let mut args = vec![
+            tma_map(q, 64)?,
+            tma_map(k, 128)?,
+            tma_map(v, 128)?,
+            tma_map(dout, 64)?,
+            KArg::Ptr(segp),
+            ptr(lse)?,
+            KArg::Ptr(dd.ptr()),
+            KArg::Ptr(dk.ptr()),
+            KArg::Ptr(dv.ptr()),
+        ];
+        args.extend(dims);
+        dev.launch(
+            "attention_tc",
+            &format!("attn_bwd_dkdv_tc_d{d}"),
+            ((b * hkv) as u32, s.div_ceil(TC_ROWS) as u32, 1),
+            TC_THREADS,
+            tc_smem_dkdv(d) as u32,
+            &mut args,
+        )?;
     } else {
+        let grid = (s.div_ceil(TILE) as u32, hq as u32, b as u32);
         let smem = 4 * (2 * TILE * d + 2 * TILE * (d + 1) + TILE + PTILES);
-        let name = format!("attn_bwd_dq_{sf}_d{}", d_bucket(d));
-        ("attention", name, TILE, smem)
-    };
-    dev.launch(
-        module,
-        &name,
-        (s.div_ceil(rows) as u32, hq as u32, b as u32),
-        128,
-        smem_dq as u32,
-        &mut [
+        let mut args = vec![
             ptr(q)?,
             ptr(k)?,
             ptr(v)?,
@@ -1162,28 +1267,13 @@ pub fn attention_bwd(
             ptr(lse)?,
             KArg::Ptr(dd.ptr()),
             KArg::Ptr(dq.ptr()),
-            KArg::I32(s as i32),
-            KArg::I32(hq as i32),
-            KArg::I32(hkv as i32),
-            KArg::I32(d as i32),
-            KArg::F32(scale),
-        ],
-    )?;
-    let (module, name, rows, smem_kv) = if tc {
-        let smem = 2 * 64 * (d + 8) * 2 + 4 * 32 * (d + 8) * 2 + 6 * 32 * 4;
-        ("attention_tc", format!("attn_bwd_dkdv_tc_d{d}"), 64, smem)
-    } else {
+        ];
+        args.extend(dims);
+        let name = format!("attn_bwd_dq_{sf}_d{}", d_bucket(d));
+        dev.launch("attention", &name, grid, 128, smem as u32, &mut args)?;
+        let grid = (s.div_ceil(TILE) as u32, hkv as u32, b as u32);
         let smem = 4 * (2 * TILE * d + 2 * TILE * (d + 1) + 3 * TILE + 2 * PTILES);
-        let name = format!("attn_bwd_dkdv_{sf}_d{}", d_bucket(d));
-        ("attention", name, TILE, smem)
-    };
-    dev.launch(
-        module,
-        &name,
-        (s.div_ceil(rows) as u32, hkv as u32, b as u32),
-        128,
-        smem_kv as u32,
-        &mut [
+        let mut args = vec![
             ptr(q)?,
             ptr(k)?,
             ptr(v)?,
@@ -1193,12 +1283,10 @@ pub fn attention_bwd(
             KArg::Ptr(dd.ptr()),
             KArg::Ptr(dk.ptr()),
             KArg::Ptr(dv.ptr()),
-            KArg::I32(s as i32),
-            KArg::I32(hq as i32),
-            KArg::I32(hkv as i32),
-            KArg::I32(d as i32),
-            KArg::F32(scale),
-        ],
-    )?;
+        ];
+        args.extend(dims);
+        let name = format!("attn_bwd_dkdv_{sf}_d{}", d_bucket(d));
+        dev.launch("attention", &name, grid, 128, smem as u32, &mut args)?;
+    }
     Ok((out(dq), out(dk), out(dv)))
 }

@@ -14,6 +14,11 @@
 //! Maths: `S = scale·Q·Kᵀ + M` (`M` is 0 where allowed, −∞ elsewhere), `P = softmax(S)`, `O = P·V`.
 //! Backward: `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `D_i = Σ_d dO_id·O_id`, `dS = P ⊙ (dP − D)`, `dQ = scale·dS·K`,
 //! `dK = scale·dSᵀ·Q`. Every row keeps at least its own position, so no row is fully masked.
+//!
+//! Indexed variant ([`attention_fwd_indexed`] / [`attention_bwd_indexed`], for context parallelism): `sq` query rows
+//! against `sk` key rows, each placed by an explicit global sequence index ([`AttentionIndex`]); the mask is
+//! `M_ij = 0` iff `k_index[j] ≤ q_index[i]` and the segments agree. Same maths; `dK`, `dV` are the contributions
+//! of the given queries only. CPU reference only (CUDA operands go through the host).
 
 use crate::{DType, KernelError, Result, Tensor};
 
@@ -221,6 +226,297 @@ pub fn attention_bwd(
         dq: token_major(dq, hq)?,
         dk: token_major(dk, hkv)?,
         dv: token_major(dv, hkv)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention over a subset of queries against explicitly placed keys (context parallelism).
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Where the queries and keys of [`attention_fwd_indexed`] sit in the full sequence.
+///
+/// Query row `i` (`0 ≤ i < sq`) may attend to key `j` (`0 ≤ j < sk`) iff `k_index[j] ≤ q_index[i]` (causal on the
+/// *global* sequence index, not on the RoPE positions, which restart inside packed samples) and, when segments are
+/// given, `q_segments[b, i] == k_segments[b, j]`. Indices are shared by the batch rows; segments are per row.
+/// Every query row must see at least one key (normally itself: `q_index ⊆ k_index`), else the op is an
+/// [`KernelError::InvalidArgument`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionIndex<'a> {
+    /// `[sq]` (u32): global sequence index of each query row.
+    pub q_index: &'a Tensor,
+    /// `[sk]` (u32): global sequence index of each key row.
+    pub k_index: &'a Tensor,
+    /// `([batch, sq], [batch, sk])` (u32) segment ids of the queries and of the keys, or `None` (one sample per row).
+    pub segments: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// Sizes of one indexed call: `sq` queries, `sk` keys.
+#[derive(Debug, Clone, Copy)]
+struct IDims {
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+}
+
+fn check_indexed(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    index: &AttentionIndex<'_>,
+) -> Result<IDims> {
+    Tensor::common_device(op, &[q, k, v])?;
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        t.expect_dtype(op, DType::F32)?;
+        t.expect_rank(op, name, 4)?;
+    }
+    let (b, sq, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (sk, hkv) = (k.shape()[1], k.shape()[2]);
+    k.expect_shape(op, "k", &[b, sk, hkv, d])?;
+    v.expect_shape(op, "v", &[b, sk, hkv, d])?;
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(KernelError::shape(
+            op,
+            format!("q_heads {hq} is not a multiple of kv_heads {hkv}"),
+        ));
+    }
+    for (name, t, n) in [
+        ("q_index", index.q_index, sq),
+        ("k_index", index.k_index, sk),
+    ] {
+        t.expect_dtype(op, DType::U32)?;
+        t.expect_shape(op, name, &[n])?;
+    }
+    if let Some((qs, ks)) = index.segments {
+        qs.expect_dtype(op, DType::U32)?;
+        ks.expect_dtype(op, DType::U32)?;
+        qs.expect_shape(op, "q_segments", &[b, sq])?;
+        ks.expect_shape(op, "k_segments", &[b, sk])?;
+    }
+    Ok(IDims {
+        b,
+        sq,
+        sk,
+        hq,
+        hkv,
+        d,
+    })
+}
+
+/// Additive mask `[batch, 1, 1, sq, sk]` of [`AttentionIndex`]; a query row without any visible key is an error.
+fn mask_indexed(
+    op: &'static str,
+    dims: IDims,
+    index: &AttentionIndex<'_>,
+) -> Result<candle_core::Tensor> {
+    let IDims { b, sq, sk, .. } = dims;
+    let (qi, ki) = (index.q_index.to_vec_u32()?, index.k_index.to_vec_u32()?);
+    let (qs, ks) = match index.segments {
+        Some((qs, ks)) => (qs.to_vec_u32()?, ks.to_vec_u32()?),
+        None => (vec![0; b * sq], vec![0; b * sk]),
+    };
+    let mut m = vec![f32::NEG_INFINITY; b * sq * sk];
+    for bi in 0..b {
+        for i in 0..sq {
+            let row = &mut m[(bi * sq + i) * sk..(bi * sq + i + 1) * sk];
+            let mut any = false;
+            for j in 0..sk {
+                if ki[j] <= qi[i] && qs[bi * sq + i] == ks[bi * sk + j] {
+                    row[j] = 0.0;
+                    any = true;
+                }
+            }
+            if !any {
+                return Err(KernelError::invalid(
+                    op,
+                    format!(
+                        "query row {i} of batch row {bi} (global index {}) sees no key",
+                        qi[i]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(candle_core::Tensor::from_vec(
+        m,
+        (b, 1, 1, sq, sk),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+/// Masked, scaled scores `[b, hkv, g, sq, sk]` plus the heads-major q `[b, hkv, g·sq, d]` and k, v `[b, hkv, sk, d]`.
+fn scores_indexed(
+    op: &'static str,
+    dims: IDims,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    index: &AttentionIndex<'_>,
+    scale: f32,
+) -> Result<Scores> {
+    let IDims {
+        b,
+        sq,
+        sk,
+        hq,
+        hkv,
+        d,
+    } = dims;
+    let g = hq / hkv;
+    let qh = heads_major(q)?.reshape((b, hkv, g * sq, d))?;
+    let kh = heads_major(k)?;
+    let vh = heads_major(v)?;
+    let sc = qh.matmul(&kh.t()?)?.affine(scale as f64, 0.0)?; // [b, hkv, g·sq, sk]
+    let sc = sc
+        .reshape((b, hkv, g, sq, sk))?
+        .broadcast_add(&mask_indexed(op, dims, index)?)?;
+    Ok(Scores { s: sc, qh, kh, vh })
+}
+
+/// Runs `f` on host f32 copies of CUDA operands and moves the results back (the indexed op has no CUDA kernel
+/// yet; see the module docs of [`attention_fwd_indexed`]).
+fn on_host(ts: &[&Tensor]) -> Result<Vec<Tensor>> {
+    ts.iter()
+        .map(|t| match t.dtype() {
+            DType::U32 => t.to_device(&crate::Device::Cpu),
+            _ => t.to_dtype(DType::F32)?.to_device(&crate::Device::Cpu),
+        })
+        .collect()
+}
+
+fn back_to(t: Tensor, like: &Tensor) -> Result<Tensor> {
+    t.to_device(&like.device())?.to_dtype(like.dtype())
+}
+
+/// Attention of `q [batch, sq, q_heads, head_dim]` over `k, v [batch, sk, kv_heads, head_dim]` with the causal /
+/// segment mask of `index` ([`AttentionIndex`]). Same maths and outputs as [`attention_fwd`] (`out [b, sq, hq, d]`,
+/// `lse [b, hq, sq]`); with `sq = sk = seq`, `q_index = k_index = 0..seq` and the segments twice, it *is*
+/// [`attention_fwd`].
+///
+/// Context parallelism calls it with the local query chunks and the K/V all-gathered over the CP group.
+///
+/// Device support: the CPU reference only. A CUDA operand is copied to the host (f32), computed there and copied
+/// back in its dtype — correct but slow; a flash-attention kernel with index-based masking is future work.
+pub fn attention_fwd_indexed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    index: &AttentionIndex<'_>,
+    scale: f32,
+) -> Result<AttentionOut> {
+    let op = "attention_fwd_indexed";
+    if q.is_cuda() {
+        let mut ts = vec![q, k, v, index.q_index, index.k_index];
+        if let Some((qs, ks)) = index.segments {
+            ts.extend([qs, ks]);
+        }
+        let h = on_host(&ts)?;
+        let hi = AttentionIndex {
+            q_index: &h[3],
+            k_index: &h[4],
+            segments: index.segments.map(|_| (&h[5], &h[6])),
+        };
+        let o = attention_fwd_indexed(&h[0], &h[1], &h[2], &hi, scale)?;
+        return Ok(AttentionOut {
+            out: back_to(o.out, q)?,
+            lse: o.lse.to_device(&q.device())?,
+        });
+    }
+    let dims = check_indexed(op, q, k, v, index)?;
+    let IDims {
+        b, sq, hq, hkv, d, ..
+    } = dims;
+    let g = hq / hkv;
+    let sc = scores_indexed(op, dims, q, k, v, index, scale)?;
+    let m = sc.s.max_keepdim(4)?; // [b, hkv, g, sq, 1]
+    let e = sc.s.broadcast_sub(&m)?.exp()?;
+    let l = e.sum_keepdim(4)?;
+    let p = e.broadcast_div(&l)?.reshape((b, hkv, g * sq, dims.sk))?;
+    let lse = m.add(&l.log()?)?.reshape((b, hq, sq))?;
+    let o = p
+        .matmul(&sc.vh)?
+        .reshape((b, hq, sq, d))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok(AttentionOut {
+        out: Tensor::from_cpu(o),
+        lse: Tensor::from_cpu(lse),
+    })
+}
+
+/// Backward of [`attention_fwd_indexed`]: `dq [b, sq, hq, d]`, `dk, dv [b, sk, hkv, d]` (the maths of
+/// [`attention_bwd`]; `dk`/`dv` hold only the contributions of *these* queries — context parallelism sums them over
+/// the CP group with a reduce-scatter).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_indexed(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    index: &AttentionIndex<'_>,
+    scale: f32,
+) -> Result<AttentionGrads> {
+    let op = "attention_bwd_indexed";
+    if q.is_cuda() {
+        let mut ts = vec![dout, q, k, v, out, lse, index.q_index, index.k_index];
+        if let Some((qs, ks)) = index.segments {
+            ts.extend([qs, ks]);
+        }
+        let h = on_host(&ts)?;
+        let hi = AttentionIndex {
+            q_index: &h[6],
+            k_index: &h[7],
+            segments: index.segments.map(|_| (&h[8], &h[9])),
+        };
+        let g = attention_bwd_indexed(&h[0], &h[1], &h[2], &h[3], &h[4], &h[5], &hi, scale)?;
+        return Ok(AttentionGrads {
+            dq: back_to(g.dq, q)?,
+            dk: back_to(g.dk, k)?,
+            dv: back_to(g.dv, v)?,
+        });
+    }
+    let dims = check_indexed(op, q, k, v, index)?;
+    let IDims {
+        b,
+        sq,
+        sk,
+        hq,
+        hkv,
+        d,
+    } = dims;
+    let g = hq / hkv;
+    dout.expect_shape(op, "dout", q.shape())?;
+    out.expect_shape(op, "out", q.shape())?;
+    lse.expect_shape(op, "lse", &[b, hq, sq])?;
+    Tensor::common_device(op, &[q, dout, out, lse])?;
+    let sc = scores_indexed(op, dims, q, k, v, index, scale)?;
+    let lse5 = lse.cpu()?.reshape((b, hkv, g, sq, 1))?;
+    let p =
+        sc.s.broadcast_sub(&lse5)?
+            .exp()?
+            .reshape((b, hkv, g * sq, sk))?; // P, rebuilt
+    let doh = heads_major(dout)?.reshape((b, hkv, g * sq, d))?;
+    let oh = heads_major(out)?.reshape((b, hkv, g * sq, d))?;
+    let dv = p.t()?.matmul(&doh)?; // [b, hkv, sk, d], summed over the group
+    let dp = doh.matmul(&sc.vh.t()?)?; // [b, hkv, g·sq, sk]
+    let di = doh.mul(&oh)?.sum_keepdim(3)?; // [b, hkv, g·sq, 1]
+    let ds = p.mul(&dp.broadcast_sub(&di)?)?;
+    let dq = ds.matmul(&sc.kh)?.affine(scale as f64, 0.0)?; // [b, hkv, g·sq, d]
+    let dk = ds.t()?.matmul(&sc.qh)?.affine(scale as f64, 0.0)?; // [b, hkv, sk, d]
+    let token_major = |t: candle_core::Tensor, h: usize, s: usize| -> Result<Tensor> {
+        Ok(Tensor::from_cpu(
+            t.reshape((b, h, s, d))?.transpose(1, 2)?.contiguous()?,
+        ))
+    };
+    Ok(AttentionGrads {
+        dq: token_major(dq, hq, sq)?,
+        dk: token_major(dk, hkv, sk)?,
+        dv: token_major(dv, hkv, sk)?,
     })
 }
 

@@ -10,12 +10,15 @@
 //! | [`rmsnorm`] | RMSNorm over the last dim (hidden or per head) | `dx`, `dw` |
 //! | [`rope`] | rotate-half RoPE with explicit positions | inverse rotation |
 //! | [`swiglu`] | `silu(gate)·up` | `dgate`, `dup` |
-//! | [`attention`] | causal GQA attention with segments | `dq`, `dk`, `dv` |
+//! | [`attention`] | causal GQA attention with segments; indexed variant (query subset vs placed keys, CP) | `dq`, `dk`, `dv` |
 //! | [`embedding`] | row lookup | scatter-add |
 //! | [`cross_entropy`] | weighted mean CE | `dlogits` (same pass) |
 //! | [`router`] | softmax top-k router, aux-loss statistics | `dlogits` |
 //! | [`moe`] | token permute / weighted unpermute | scatter-add / `dyp`, `dweights` |
+//!
+//! Optimizer work on device tensors lives in [`adamw`] (fused AdamW step, sum of squares for the grad norm).
 
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
@@ -26,7 +29,11 @@ pub mod rope;
 pub mod router;
 pub mod swiglu;
 
-pub use attention::{AttentionGrads, AttentionOut, attention_bwd, attention_fwd};
+pub use adamw::{AdamWOut, AdamWScalars, adamw_step, adamw_update_host, sum_squares};
+pub use attention::{
+    AttentionGrads, AttentionIndex, AttentionOut, attention_bwd, attention_bwd_indexed, attention_fwd,
+    attention_fwd_indexed,
+};
 pub use cross_entropy::{CrossEntropyOut, cross_entropy_fwd_bwd, cross_entropy_per_token};
 pub use embedding::{embedding_bwd, embedding_fwd};
 pub use linear::{

@@ -1,13 +1,12 @@
-//! Pretraining sequences from JSONL and the seeded, resumable loader over them (see the module docs of
-//! [`crate::data`]).
+//! Pretraining sequences from JSONL (see the module docs of [`crate::data`]).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use qtext::TextCodec;
 use serde_json::Value;
 
-use super::tokenizer::TextTokenizer;
+use super::loader::Dataset;
 use super::{DataError, Result};
 use crate::model::Batch;
 
@@ -55,7 +54,7 @@ impl PretrainDataset {
                 reason: "no files given".into(),
             });
         }
-        let mut tokenizer: Option<TextTokenizer> = None;
+        let mut tokenizer: Option<(TextCodec, u32)> = None;
         let mut stream = Vec::new();
         for path in paths {
             let file = std::fs::File::open(path).map_err(|source| DataError::Io {
@@ -79,23 +78,23 @@ impl PretrainDataset {
                             let dir = opts.tokenizer_dir.as_ref().ok_or_else(|| {
                                 line_err(path, n, "a `text` line needs the model's tokenizer, and no tokenizer directory is known")
                             })?;
-                            tokenizer = Some(TextTokenizer::from_dir(dir)?);
+                            let codec = TextCodec::from_dir(dir)?;
+                            let eos = codec.require_eos_id()?;
+                            tokenizer = Some((codec, eos));
                         }
-                        let tok = tokenizer.as_ref().expect("loaded above");
-                        let ids = tok.encode(text).map_err(|m| line_err(path, n, m))?;
+                        let (tok, eos) = tokenizer.as_ref().expect("loaded above");
+                        let ids = tok
+                            .encode(text)
+                            .map_err(|e| line_err(path, n, format!("cannot tokenize: {e}")))?;
                         check_ids(&ids, opts.vocab_size, path, n)?;
                         stream.extend_from_slice(&ids);
-                        if tok.eos_id() as usize >= opts.vocab_size {
+                        if *eos as usize >= opts.vocab_size {
                             return Err(DataError::Tokenizer {
                                 path: path.clone(),
-                                message: format!(
-                                    "EOS id {} >= vocab_size {}",
-                                    tok.eos_id(),
-                                    opts.vocab_size
-                                ),
+                                message: format!("EOS id {eos} >= vocab_size {}", opts.vocab_size),
                             });
                         }
-                        stream.push(tok.eos_id());
+                        stream.push(*eos);
                     }
                     (None, Some(Value::Array(items))) => {
                         let mut ids = Vec::with_capacity(items.len());
@@ -194,160 +193,18 @@ fn check_ids(ids: &[u32], vocab: usize, path: &Path, line: usize) -> Result<()> 
     Ok(())
 }
 
-/// Where a [`DataLoader`] stands: the next sequence is `epoch_order(seed, epoch, len)[position]`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataCursor {
-    pub epoch: u64,
-    pub position: u64,
-}
-
-/// splitmix64: a tiny, well-mixed generator whose output is fixed forever.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The order of the `len` sequences in `epoch`: a Fisher–Yates shuffle seeded by `(seed, epoch)`.
-pub fn epoch_order(seed: u64, epoch: u64, len: usize) -> Vec<u32> {
-    let mut state = seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    splitmix64(&mut state);
-    let mut order: Vec<u32> = (0..len as u32).collect();
-    for i in (1..len).rev() {
-        // Multiply-shift maps 64 random bits onto 0..=i with negligible bias for corpus-sized i.
-        let j = ((splitmix64(&mut state) as u128 * (i as u128 + 1)) >> 64) as usize;
-        order.swap(i, j);
+impl Dataset for PretrainDataset {
+    fn len(&self) -> usize {
+        PretrainDataset::len(self)
     }
-    order
-}
 
-/// Hands out sequences in the seeded order of each epoch, wrapping into the next epoch.
-#[derive(Debug, Clone)]
-pub struct DataLoader {
-    dataset: PretrainDataset,
-    seed: u64,
-    cursor: DataCursor,
-    /// `epoch_order(seed, cursor.epoch, len)`.
-    order: Vec<u32>,
-}
-
-impl DataLoader {
-    /// A loader positioned at `cursor` (use `DataCursor::default()` to start).
-    pub fn new(dataset: PretrainDataset, seed: u64, cursor: DataCursor) -> Result<Self> {
-        if cursor.position >= dataset.len() as u64 {
-            return Err(DataError::Invalid {
-                key: "data cursor",
-                reason: format!(
-                    "position {} is past the {} sequences of the dataset (was it changed since the checkpoint?)",
-                    cursor.position,
-                    dataset.len()
-                ),
-            });
+    /// `units.len() × max_length` plain causal-LM rows.
+    fn batch(&self, units: &[u32]) -> Batch {
+        let seq = self.max_length;
+        let mut ids = Vec::with_capacity(units.len() * seq);
+        for &u in units {
+            ids.extend_from_slice(self.sequence(u as usize));
         }
-        let order = epoch_order(seed, cursor.epoch, dataset.len());
-        Ok(DataLoader {
-            dataset,
-            seed,
-            cursor,
-            order,
-        })
-    }
-
-    /// The cursor of the next sequence.
-    pub fn cursor(&self) -> DataCursor {
-        self.cursor
-    }
-
-    pub fn dataset(&self) -> &PretrainDataset {
-        &self.dataset
-    }
-
-    /// The next sequence; advances the cursor (into the next epoch after the last one).
-    pub fn next_sequence(&mut self) -> &[u32] {
-        let idx = self.order[self.cursor.position as usize] as usize;
-        self.cursor.position += 1;
-        if self.cursor.position == self.dataset.len() as u64 {
-            self.cursor = DataCursor {
-                epoch: self.cursor.epoch + 1,
-                position: 0,
-            };
-            self.order = epoch_order(self.seed, self.cursor.epoch, self.dataset.len());
-        }
-        self.dataset.sequence(idx)
-    }
-
-    /// The next `rows` sequences as a causal-LM [`Batch`] (`rows × max_length`).
-    pub fn next_batch(&mut self, rows: usize) -> Batch {
-        let seq = self.dataset.max_length();
-        let mut ids = Vec::with_capacity(rows * seq);
-        for _ in 0..rows {
-            let s = self.next_sequence();
-            ids.extend_from_slice(s);
-        }
-        Batch::causal_lm(ids, rows, seq).expect("rows × max_length ids by construction")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn order_is_a_seeded_permutation() {
-        let a = epoch_order(7, 0, 50);
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..50).collect::<Vec<u32>>());
-        assert_eq!(a, epoch_order(7, 0, 50));
-        assert_ne!(a, epoch_order(7, 1, 50));
-        assert_ne!(a, epoch_order(8, 0, 50));
-        assert_ne!(a, (0..50).collect::<Vec<u32>>());
-    }
-
-    #[test]
-    fn cursor_resumes_the_same_stream_across_epochs() {
-        let ds = PretrainDataset::from_stream((0..23).collect(), 4).unwrap();
-        assert_eq!((ds.len(), ds.stream_tokens()), (5, 23));
-        assert_eq!(ds.sequence(1), &[4, 5, 6, 7]);
-        let mut full = DataLoader::new(ds.clone(), 3, DataCursor::default()).unwrap();
-        let all: Vec<Vec<u32>> = (0..12).map(|_| full.next_sequence().to_vec()).collect();
-        // Every epoch visits each sequence once.
-        let mut first: Vec<u32> = all[..5].iter().map(|s| s[0] / 4).collect();
-        first.sort();
-        assert_eq!(first, vec![0, 1, 2, 3, 4]);
-        let mut part = DataLoader::new(ds.clone(), 3, DataCursor::default()).unwrap();
-        for _ in 0..7 {
-            part.next_sequence();
-        }
-        assert_eq!(
-            part.cursor(),
-            DataCursor {
-                epoch: 1,
-                position: 2
-            }
-        );
-        let mut resumed = DataLoader::new(ds.clone(), 3, part.cursor()).unwrap();
-        let rest: Vec<Vec<u32>> = (7..12).map(|_| resumed.next_sequence().to_vec()).collect();
-        assert_eq!(rest, all[7..].to_vec());
-        assert!(
-            DataLoader::new(
-                ds,
-                3,
-                DataCursor {
-                    epoch: 0,
-                    position: 5
-                }
-            )
-            .is_err()
-        );
-        assert!(matches!(
-            PretrainDataset::from_stream(vec![1, 2, 3], 4),
-            Err(DataError::TooSmall {
-                tokens: 3,
-                max_length: 4
-            })
-        ));
+        Batch::causal_lm(ids, units.len(), seq).expect("rows × max_length ids by construction")
     }
 }

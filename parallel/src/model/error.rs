@@ -52,4 +52,9 @@ pub enum ModelError {
     /// The batch is malformed (lengths, ids out of range, …).
     #[error("invalid batch: {0}")]
     Batch(String),
+
+    /// A collective inside a block failed (a parallel [`AttentionCore`](super::attention::AttentionCore), e.g.
+    /// context parallelism's K/V all-gather).
+    #[error("collective failed: {0}")]
+    Comm(#[from] crate::comm::CommError),
 }

@@ -194,7 +194,8 @@ impl AdamW {
     }
 }
 
-/// The elementwise update for one parameter at step `step` (≥ 1). All slices have equal length.
+/// The elementwise update for one parameter at step `step` (≥ 1): the device layer's host loop
+/// ([`qkernels::ops::adamw_update_host`], the same maths the CUDA kernel runs). All slices have equal length.
 #[allow(clippy::too_many_arguments)]
 fn adamw_kernel(
     cfg: &AdamWConfig,
@@ -206,25 +207,8 @@ fn adamw_kernel(
     exp_avg: &mut [f32],
     exp_avg_sq: &mut [f32],
 ) {
-    let t = step as f64;
-    let decay = (1.0 - lr * weight_decay) as f32;
-    let one_minus_b1 = (1.0 - cfg.beta1) as f32;
-    let b2 = cfg.beta2 as f32;
-    let one_minus_b2 = (1.0 - cfg.beta2) as f32;
-    let bias_correction1 = 1.0 - cfg.beta1.powf(t);
-    let bias_correction2_sqrt = (1.0 - cfg.beta2.powf(t)).sqrt() as f32;
-    let neg_step_size = (-(lr / bias_correction1)) as f32;
-    let eps = cfg.eps as f32;
-    for i in 0..param.len() {
-        let g = grad[i];
-        let p = param[i] * decay;
-        let m = exp_avg[i] + one_minus_b1 * (g - exp_avg[i]);
-        let v = exp_avg_sq[i] * b2 + one_minus_b2 * g * g;
-        let denom = v.sqrt() / bias_correction2_sqrt + eps;
-        param[i] = p + neg_step_size * m / denom;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-    }
+    let scalars = qkernels::ops::AdamWScalars::new(cfg.beta1, cfg.beta2, cfg.eps, lr, weight_decay, step);
+    qkernels::ops::adamw_update_host(&scalars, 1.0, param, grad, exp_avg, exp_avg_sq);
 }
 
 #[cfg(test)]

@@ -86,8 +86,9 @@
 //!
 //! # Limits (what is not here yet)
 //!
-//! - Only `dp`, `tp` and `sp`: `pp`, `vpp`, `cp` and `ep` > 1 are [`TpError::Unsupported`]. MoE experts and the
-//!   router are replicated under TP (no expert TP, no expert parallelism).
+//! - Only `dp`, `tp` and `sp`: `pp`, `vpp`, `cp` and `ep` > 1 are [`TpError::Unsupported`] for [`TpModel`]
+//!   ([`crate::pipeline`] runs these blocks per pipeline stage; [`ParallelGroups::new`] accepts `pp > 1`). MoE
+//!   experts and the router are replicated under TP (no expert TP, no expert parallelism).
 //! - The vocabulary is not padded: `vocab_size % tp == 0` is required (Qwen3's 151936 divides by 2…128).
 //! - Under SP the attention and MLP blocks keep their gathered `[T, H]` inputs for backward (Megatron keeps the
 //!   `[T/p, H]` shard and gathers again); recomputation ([`TpModel::with_gradient_checkpointing`]) keeps only the
@@ -132,6 +133,10 @@ pub use model::{
     ParallelGroups, Replication, TpModel, TpStepOutput, replication_of, split_batch_rows,
 };
 pub use shard::{TpPlan, shard_for_rank, unshard};
+// Crate-internal pieces the pipeline stages reuse ([`crate::pipeline`]): one TP/SP layer forward/backward and
+// the TP gradient reductions, so a stage runs exactly the blocks `TpModel` runs.
+pub(crate) use model::{LayerSaved, layer_backward, layer_forward_saved, reduce_layer_grads};
+pub(crate) use shard::shard_with_plan;
 
 use crate::comm::CommError;
 use crate::dims::DimsError;

@@ -5,7 +5,7 @@ use qkernels::ops::{self, RopeTable, RouterStats};
 use qkernels::{Device, Tensor};
 
 use super::mappings::{all_reduce_sum, enter, enter_backward, exit, exit_backward};
-use super::shard::{TpPlan, check_supported, shard_with_plan, unshard};
+use super::shard::{TpPlan, check_supported_in_pipeline, shard_with_plan, unshard};
 use super::vocab;
 use super::{Result, TpError};
 use crate::comm::{Communicator, ReduceOp};
@@ -35,9 +35,10 @@ impl std::fmt::Debug for ParallelGroups {
 
 impl ParallelGroups {
     /// Splits `world` into the groups of `dims` (collective over `world`: every rank calls it, in the same order
-    /// relative to other splits). `cfg` decides the kv replica groups.
+    /// relative to other splits). `cfg` decides the kv replica groups. With `pp > 1` (for [`crate::pipeline`]) the
+    /// groups are those inside the rank's pipeline stage; [`TpModel`] itself still rejects `pp > 1`.
     pub fn new(world: &dyn Communicator, dims: &ParallelDims, cfg: &ModelConfig) -> Result<Self> {
-        check_supported(dims)?;
+        check_supported_in_pipeline(dims)?;
         if world.size() != dims.world() {
             return Err(TpError::Groups(format!(
                 "world communicator has {} ranks, the layout {} ranks",
@@ -77,7 +78,7 @@ pub struct TpStepOutput {
 }
 
 /// Every activation of one layer's backward (see [`layer_forward`]).
-struct LayerActs {
+pub(crate) struct LayerActs {
     /// `[T_l, H]` layer input (`T_l = T/p` with SP, else `T`).
     x: Tensor,
     rstd1: Tensor,
@@ -88,8 +89,8 @@ struct LayerActs {
     ffn: FfnSaved,
 }
 
-/// What a layer's forward leaves for its backward.
-enum LayerSaved {
+/// What a layer's forward leaves for its backward (crate-visible for [`crate::pipeline`]).
+pub(crate) enum LayerSaved {
     Full(Box<LayerActs>),
     /// Activation recomputation: the layer input `[T_l, H]` and the MoE routing statistics only; the backward
     /// reruns the forward, collectives included (every rank reruns the same ones in the same order).
@@ -100,7 +101,7 @@ enum LayerSaved {
 }
 
 impl LayerSaved {
-    fn router_stats(&self) -> Option<&RouterStats> {
+    pub(crate) fn router_stats(&self) -> Option<&RouterStats> {
         match self {
             LayerSaved::Full(a) => match &a.ffn {
                 FfnSaved::Moe(m) => Some(m.stats()),
@@ -472,19 +473,8 @@ impl TpModel {
         let mut x = exit(&x0, tp, sp)?; // [T_l, H]
         let mut saved = Vec::with_capacity(self.params.layers.len());
         for layer in &self.params.layers {
-            let (y, acts) = layer_forward(layer, &x, ctx, tp, sp)?;
-            saved.push(if recompute {
-                let router_stats = match acts.ffn {
-                    FfnSaved::Moe(m) => Some(m.stats().clone()),
-                    FfnSaved::Dense(_) => None,
-                };
-                LayerSaved::Recompute {
-                    x: acts.x,
-                    router_stats,
-                }
-            } else {
-                LayerSaved::Full(Box::new(acts))
-            });
+            let (y, s) = layer_forward_saved(layer, &x, ctx, tp, sp, recompute)?;
+            saved.push(s);
             x = y;
         }
         let nf = ops::rmsnorm_fwd(&x, &self.params.norm, self.config.rms_norm_eps)?;
@@ -561,25 +551,35 @@ impl TpModel {
         Ok(Some(s))
     }
 
-    /// The TP reductions of one layer's gradients (see the module docs): `q_norm`/`k_norm` over TP, k/v over the
-    /// kv replica group, and with SP the norms and the (replicated) MoE block over TP.
-    fn reduce_layer_grads(&self, mut g: DecoderLayer) -> Result<DecoderLayer> {
-        let tp = &*self.groups.tp;
-        let kv = &*self.groups.kv_replica;
-        let a = &mut g.self_attn;
-        a.q_norm = all_reduce_sum(&a.q_norm, tp)?;
-        a.k_norm = all_reduce_sum(&a.k_norm, tp)?;
-        a.k_proj = all_reduce_sum(&a.k_proj, kv)?;
-        a.v_proj = all_reduce_sum(&a.v_proj, kv)?;
-        if self.plan.sp {
-            g.input_layernorm = all_reduce_sum(&g.input_layernorm, tp)?;
-            g.post_attention_layernorm = all_reduce_sum(&g.post_attention_layernorm, tp)?;
-            if let Ffn::Moe(m) = &mut g.mlp {
-                *m = reduce_moe(m, tp)?;
-            }
-        }
-        Ok(g)
+    /// The TP reductions of one layer's gradients (see [`reduce_layer_grads`]).
+    fn reduce_layer_grads(&self, g: DecoderLayer) -> Result<DecoderLayer> {
+        reduce_layer_grads(&self.groups, self.plan.sp, g)
     }
+}
+
+/// The TP reductions of one layer's gradients (see the module docs): `q_norm`/`k_norm` over TP, k/v over the
+/// kv replica group, and with SP the norms and the (replicated) MoE block over TP. Linear in `g`, so a sum of
+/// per-micro-batch gradients may be reduced once ([`crate::pipeline`] does). Collective over TP.
+pub(crate) fn reduce_layer_grads(
+    groups: &ParallelGroups,
+    sp: bool,
+    mut g: DecoderLayer,
+) -> Result<DecoderLayer> {
+    let tp = &*groups.tp;
+    let kv = &*groups.kv_replica;
+    let a = &mut g.self_attn;
+    a.q_norm = all_reduce_sum(&a.q_norm, tp)?;
+    a.k_norm = all_reduce_sum(&a.k_norm, tp)?;
+    a.k_proj = all_reduce_sum(&a.k_proj, kv)?;
+    a.v_proj = all_reduce_sum(&a.v_proj, kv)?;
+    if sp {
+        g.input_layernorm = all_reduce_sum(&g.input_layernorm, tp)?;
+        g.post_attention_layernorm = all_reduce_sum(&g.post_attention_layernorm, tp)?;
+        if let Ffn::Moe(m) = &mut g.mlp {
+            *m = reduce_moe(m, tp)?;
+        }
+    }
+    Ok(g)
 }
 
 fn reduce_moe(m: &SparseMoe, tp: &dyn Communicator) -> Result<SparseMoe> {
@@ -644,8 +644,33 @@ fn layer_forward(
     ))
 }
 
+/// [`layer_forward`], keeping all activations or, with `recompute`, only the input and the routing statistics.
+pub(crate) fn layer_forward_saved(
+    l: &DecoderLayer,
+    x: &Tensor,
+    ctx: &LayerCtx<'_>,
+    tp: &dyn Communicator,
+    sp: bool,
+    recompute: bool,
+) -> Result<(Tensor, LayerSaved)> {
+    let (y, acts) = layer_forward(l, x, ctx, tp, sp)?;
+    let saved = if recompute {
+        let router_stats = match acts.ffn {
+            FfnSaved::Moe(m) => Some(m.stats().clone()),
+            FfnSaved::Dense(_) => None,
+        };
+        LayerSaved::Recompute {
+            x: acts.x,
+            router_stats,
+        }
+    } else {
+        LayerSaved::Full(Box::new(acts))
+    };
+    Ok((y, saved))
+}
+
 /// Backward of [`layer_forward`]: `(dx [T_l, H], local gradients before the TP reductions)`.
-fn layer_backward(
+pub(crate) fn layer_backward(
     l: &DecoderLayer,
     dy: &Tensor,
     saved: LayerSaved,

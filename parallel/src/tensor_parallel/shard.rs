@@ -126,6 +126,16 @@ impl TpPlan {
 }
 
 pub(crate) fn check_supported(dims: &ParallelDims) -> Result<()> {
+    check_factors(dims, true)
+}
+
+/// [`check_supported`] with the pipeline factors (`pp`, `vpp`) allowed: what a rank of one pipeline stage
+/// ([`crate::pipeline`]) needs from this module (the groups inside a stage; the stage runs its own layers).
+pub(crate) fn check_supported_in_pipeline(dims: &ParallelDims) -> Result<()> {
+    check_factors(dims, false)
+}
+
+fn check_factors(dims: &ParallelDims, reject_pipeline: bool) -> Result<()> {
     let mut missing = Vec::new();
     for (name, v) in [
         ("pp", dims.pp()),
@@ -133,6 +143,9 @@ pub(crate) fn check_supported(dims: &ParallelDims) -> Result<()> {
         ("cp", dims.cp()),
         ("ep", dims.ep()),
     ] {
+        if !reject_pipeline && (name == "pp" || name == "vpp") {
+            continue;
+        }
         if v != 1 {
             missing.push(format!("{name} = {v}"));
         }

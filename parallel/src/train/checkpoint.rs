@@ -10,6 +10,19 @@
 //!   trainer_state.json                                    TrainerState: step, data cursor, seed, AdamW steps, …
 //! ```
 //!
+//! A LoRA run ([`Trainer::new_lora`]) saves the adapters in PEFT's format instead of the model (the base stays where
+//! it is, unchanged):
+//!
+//! ```text
+//! <output_dir>/checkpoint-<step>/
+//!   adapter_config.json                peft_type LORA, r, lora_alpha, target_modules, base_model_name_or_path =
+//!                                      the absolute base model directory, …  (see crate::lora)
+//!   adapter_model.safetensors          F32 base_model.model.<module>.lora_A.weight [r, in], ….lora_B.weight [out, r]
+//!   tokenizer.json, tokenizer_config.json, …   copied from the base model directory
+//!   optimizer.safetensors              as above, for the adapter factors (`exp_avg.<PEFT key>`, …)
+//!   trainer_state.json                 as above
+//! ```
+//!
 //! # Commit protocol
 //!
 //! Everything is written into the hidden sibling `.checkpoint-<step>.tmp-<pid>-trainer` (the model part through
@@ -27,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use super::{Result, TrainError, Trainer, io_err};
 use crate::data::DataCursor;
 use crate::hf::{self, DiskDtype, HostTensor, SaveOptions, TensorMap};
+use crate::lora;
 use crate::optim::AdamWState;
 
 /// Name prefix of committed checkpoints: `checkpoint-<step>`.
@@ -106,7 +120,8 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
 /// What [`save`] needs besides the trainer.
 pub struct SaveRequest<'a> {
     pub output_dir: &'a Path,
-    /// Copy `config.json` (when `config` is `None`) and tokenizer files from here.
+    /// Copy `config.json` (when `config` is `None`) and tokenizer files from here. LoRA: the base model directory
+    /// (required): `adapter_config.json` names it, its tokenizer files are copied.
     pub source_dir: Option<&'a Path>,
     /// `config.json` content; `None`: the source dir's.
     pub config: Option<serde_json::Value>,
@@ -142,7 +157,21 @@ pub fn save(trainer: &Trainer, req: &SaveRequest<'_>) -> Result<PathBuf> {
         opts = opts.config(c.clone());
     }
     let result = (|| {
-        hf::save_checkpoint(&tmp, trainer.master(), &opts)?;
+        match (trainer.lora_config(), trainer.adapters()) {
+            (Some(config), Some(adapters)) => {
+                let base = req.source_dir.ok_or_else(|| TrainError::Invalid {
+                    key: "lora",
+                    reason:
+                        "a LoRA checkpoint needs the base model directory (SaveRequest::source_dir)"
+                            .into(),
+                })?;
+                std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+                lora::write_adapter_files(&tmp, config, &adapters, base)?;
+            }
+            _ => {
+                hf::save_checkpoint(&tmp, trainer.master(), &opts)?;
+            }
+        }
         let mut moments = TensorMap::new();
         let mut adam_steps = BTreeMap::new();
         for (name, st) in trainer.optimizer().states() {

@@ -33,7 +33,7 @@ pub struct TrainConfig {
     /// Directory with `tokenizer.json` for `text` lines; `None`: the model directory (pretrained) or the
     /// directory of the config file (random init).
     pub tokenizer_dir: Option<PathBuf>,
-    /// JSONL files (see [`crate::data`]).
+    /// JSONL files (see [`crate::data`]); with [`TrainConfig::sft`], SFT dataset entries.
     pub dataset: Vec<PathBuf>,
     /// Checkpoints (`checkpoint-<step>/`) and `metrics.jsonl` go here.
     pub output_dir: PathBuf,
@@ -65,6 +65,14 @@ pub struct TrainConfig {
     pub init_std: f32,
     pub gradient_checkpointing: bool,
     pub resume: Resume,
+    /// LoRA adapters instead of full training (`None`: every parameter is trained). Needs a
+    /// [`ModelSource::Pretrained`] base, which stays frozen; checkpoints then hold PEFT adapters (see
+    /// [`super::checkpoint`]), and the adapters' `A` is initialised from [`TrainConfig::seed`].
+    pub lora: Option<crate::lora::LoraConfig>,
+    /// Supervised fine-tuning data (`None`: pretraining data, see [`crate::data`]): `dataset` entries are then
+    /// chat datasets (`path`, `path#N`, `self-cognition`) rendered with the model's chat template, see
+    /// [`crate::data::sft`].
+    pub sft: Option<crate::data::SftOptions>,
 }
 
 impl TrainConfig {
@@ -100,6 +108,8 @@ impl TrainConfig {
             init_std: 0.02,
             gradient_checkpointing: false,
             resume: Resume::Auto,
+            lora: None,
+            sft: None,
         }
     }
 

@@ -22,6 +22,9 @@
 //!
 //! - The master weights ([`Trainer::master`]) are f32 host tensors keyed by HF name, the same names and shapes as
 //!   the model's parameters and gradients; after every step the model's tensors equal them bit for bit.
+//!   In LoRA mode ([`Trainer::new_lora`], [`TrainConfig::lora`]) the masters are the adapter factors only, keyed by
+//!   PEFT name; the base stays frozen and the model's adapted weights equal `W + s·B·A` of the masters bit for bit
+//!   (see [`crate::lora`]); checkpoints then hold PEFT adapters ([`checkpoint`]).
 //! - Weight decay applies to tensors with `ndim ≥ 2` only ([`crate::optim::decays`]).
 //! - A run restarted from `checkpoint-N` produces the same parameters, losses and data order for steps `N+1…`
 //!   as the uninterrupted run: weights and optimizer moments are saved in f32, the data cursor and the schedule
@@ -30,6 +33,7 @@
 pub mod checkpoint;
 mod config;
 mod run;
+pub mod tensorboard;
 mod trainer;
 
 pub use checkpoint::{
@@ -47,6 +51,7 @@ use std::path::PathBuf;
 
 use crate::data::DataError;
 use crate::hf::HfError;
+use crate::lora::LoraError;
 use crate::model::ModelError;
 use crate::optim::OptimError;
 
@@ -61,6 +66,8 @@ pub enum TrainError {
     Optim(#[from] OptimError),
     #[error(transparent)]
     Data(#[from] DataError),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -1,10 +1,12 @@
 //! [`run_training`]: the training loop of one process — data, steps, metrics, checkpoints, resume.
 //!
 //! Per step `s = start+1 ..= train_iters`:
-//! 1. take `grad_accum` micro-batches of `micro_batch_size` sequences from the [`DataLoader`];
+//! 1. take `grad_accum` micro-batches of `micro_batch_size` units (pretraining sequences, SFT samples or packed
+//!    SFT rows, see [`crate::data`]) from the [`DataLoader`];
 //! 2. [`Trainer::step`];
 //! 3. if `s % logging_steps == 0` or `s == train_iters`: append a [`StepMetrics`] line to
-//!    `<output_dir>/metrics.jsonl`;
+//!    `<output_dir>/metrics.jsonl` and the same scalars to this process's TensorBoard event file in
+//!    `<output_dir>/runs/`;
 //! 4. if `s % save_steps == 0` or `s == train_iters`: save `checkpoint-<s>` (model, optimizer, data cursor);
 //! 5. tell the [`TrainObserver`], which may stop the run.
 //!
@@ -20,16 +22,20 @@ use qkernels::Device;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, SaveRequest};
+use super::tensorboard::EventWriter;
 use super::config::{ModelSource, Resume, TrainConfig};
 use super::trainer::{OptimizerOptions, Trainer};
 use super::{Result, TrainError, io_err};
-use crate::data::{DataCursor, DataLoader, LoadOptions, PretrainDataset};
+use crate::data::{self, DataCursor, DataLoader, Dataset, TrainDataOptions};
 use crate::hf;
+use crate::lora::{self, LoraAdapters, LoraConfig};
 use crate::model::{ModelConfig, Qwen3Model};
 use crate::optim::LrSchedule;
 
 /// The metrics file in the output directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The TensorBoard event files' directory in the output directory (`tensorboard --logdir <output_dir>`).
+pub const TENSORBOARD_DIR: &str = "runs";
 /// Peak dense bf16 FLOP/s of an H100/H200, the MFU denominator (DESIGN §7).
 pub const PEAK_FLOPS: f64 = 989e12;
 
@@ -63,7 +69,28 @@ pub struct RunInfo {
     pub train_iters: u64,
     pub resumed_from: Option<PathBuf>,
     pub sequences: usize,
+    /// Parameters of the model.
     pub param_count: u64,
+    /// Parameters the optimizer updates: `param_count`, or the adapter elements of a LoRA run.
+    pub trainable_params: u64,
+    /// The TensorBoard event file of this process's steps.
+    pub tensorboard: PathBuf,
+}
+
+impl RunInfo {
+    /// The line a run prints when it starts: what trains, on what, for how long, and where the curves go.
+    pub fn describe(&self) -> String {
+        let what = if self.trainable_params == self.param_count {
+            format!("{} parameters", self.param_count)
+        } else {
+            format!("{} of {} parameters (adapters)", self.trainable_params, self.param_count)
+        };
+        let start = match &self.resumed_from {
+            Some(dir) => format!("resuming from {} at step {}/{}", dir.display(), self.start_step, self.train_iters),
+            None => format!("training {what} on {} sequences for {} steps", self.sequences, self.train_iters),
+        };
+        format!("{start}; TensorBoard events in {}", self.tensorboard.display())
+    }
 }
 
 /// Progress hooks (a progress bar, a rank's status reporter). Every method has a no-op default.
@@ -121,8 +148,15 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
         }
     };
 
-    // Model (and its config.json for checkpoints when it has no source directory of its own).
+    // Model (and its config.json for checkpoints when it has no source directory of its own). LoRA: always the
+    // frozen base; the checkpoint holds only adapters.
+    check_checkpoint_kind(cfg, resume_dir.as_deref())?;
     let (model, source_dir, config_json) = match (&resume_dir, &cfg.model) {
+        (_, ModelSource::Pretrained(base)) if cfg.lora.is_some() => (
+            Qwen3Model::from_hf_dir(base, device)?,
+            Some(base.clone()),
+            None,
+        ),
         (Some(dir), _) => (
             Qwen3Model::from_hf_dir(dir, device)?,
             Some(dir.clone()),
@@ -144,13 +178,16 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
     let flops_per_token = model.config.flops_per_token(cfg.max_length);
     let param_count = model.config.param_count();
 
-    // Data.
-    let dataset = PretrainDataset::load(
+    // Data: pretraining sequences, or SFT samples / packed rows when `cfg.sft` is set.
+    let tokenizer_dir = cfg.resolved_tokenizer_dir();
+    let dataset = data::load_train_data(
         &cfg.dataset,
-        &LoadOptions {
+        &TrainDataOptions {
             max_length: cfg.max_length,
             vocab_size: model.config.vocab_size,
-            tokenizer_dir: cfg.resolved_tokenizer_dir(),
+            tokenizer_dir: tokenizer_dir.as_deref(),
+            seed: cfg.seed,
+            sft: cfg.sft.as_ref(),
         },
     )?;
     let sequences = dataset.len();
@@ -163,15 +200,22 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
         cfg.lr_decay_iters.unwrap_or(cfg.train_iters),
         cfg.lr_decay_style,
     )?;
-    let mut trainer = Trainer::new(
-        model,
-        OptimizerOptions {
-            schedule,
-            adam: cfg.adam,
-            weight_decay: cfg.weight_decay,
-            clip_grad: cfg.clip_grad,
-        },
-    )?;
+    let opts = OptimizerOptions {
+        schedule,
+        adam: cfg.adam,
+        weight_decay: cfg.weight_decay,
+        clip_grad: cfg.clip_grad,
+    };
+    let mut trainer = match (&cfg.lora, &source_dir) {
+        (Some(lc), Some(base)) => {
+            let adapters = match &resume_dir {
+                Some(dir) => resumed_adapters(dir, lc, &model, base)?,
+                None => LoraAdapters::init(&model.config, lc, cfg.seed)?,
+            };
+            Trainer::new_lora(model, opts, lc.clone(), adapters)?
+        }
+        _ => Trainer::new(model, opts)?,
+    };
     let (cursor, mut total_tokens) = match &resume_dir {
         Some(dir) => {
             let state = checkpoint::read_state(dir)?;
@@ -203,6 +247,10 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
     let mut loader = DataLoader::new(dataset, cfg.seed, cursor)?;
     let metrics_path = cfg.output_dir.join(METRICS_FILE);
     truncate_metrics(&metrics_path, start_step)?;
+    let tb_dir = cfg.output_dir.join(TENSORBOARD_DIR);
+    std::fs::create_dir_all(&tb_dir).map_err(io_err(&tb_dir))?;
+    let mut tensorboard = EventWriter::create(&tb_dir).map_err(io_err(&tb_dir))?;
+    let trainable_params = trainer.master().values().map(|t| t.data.len() as u64).sum();
 
     observer.on_start(&RunInfo {
         start_step,
@@ -210,6 +258,8 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
         resumed_from: resume_dir.clone(),
         sequences,
         param_count,
+        trainable_params,
+        tensorboard: tensorboard.path().to_path_buf(),
     });
     if let Some(dir) = &resume_dir {
         tracing::info!("resuming from {} at step {start_step}", dir.display());
@@ -251,6 +301,7 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
         let last = stats.step == cfg.train_iters;
         if stats.step.is_multiple_of(cfg.logging_steps) || last {
             append_metrics(&metrics_path, &metrics)?;
+            write_tensorboard(&mut tensorboard, &metrics)?;
         }
         if stats.step.is_multiple_of(cfg.save_steps) || last {
             let dir = checkpoint::save(
@@ -275,6 +326,82 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
         }
     }
     Ok(summary)
+}
+
+/// LoRA needs a pretrained base; a checkpoint to resume must be of the run's kind (adapters or full model).
+fn check_checkpoint_kind(cfg: &TrainConfig, resume_dir: Option<&Path>) -> Result<()> {
+    if cfg.lora.is_some() && !matches!(cfg.model, ModelSource::Pretrained(_)) {
+        return Err(TrainError::Invalid {
+            key: "lora",
+            reason:
+                "LoRA trains adapters on a pretrained base model; the model source is random init"
+                    .into(),
+        });
+    }
+    let Some(dir) = resume_dir else {
+        return Ok(());
+    };
+    match (cfg.lora.is_some(), lora::is_adapter_dir(dir)) {
+        (true, false) => Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason:
+                "a full-model checkpoint, but this run trains LoRA adapters; use another output_dir"
+                    .into(),
+        }),
+        (false, true) => Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason:
+                "a LoRA adapter checkpoint, but this run trains the full model (no `lora` setting)"
+                    .into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The adapters of the LoRA checkpoint `dir`, checked against this run: same rank, alpha, dropout, the same adapted
+/// weights as `lc` selects on `model`, and the same base model directory.
+fn resumed_adapters(
+    dir: &Path,
+    lc: &LoraConfig,
+    model: &Qwen3Model,
+    base: &Path,
+) -> Result<LoraAdapters> {
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let saved = lora::read_adapter_config(dir)?;
+    let (_, adapters) = lora::read_adapters(dir)?;
+    let s = &saved.lora;
+    if (s.rank, s.alpha, s.dropout) != (lc.rank, lc.alpha, lc.dropout) {
+        return Err(bad(format!(
+            "saved with LoRA r={} alpha={} dropout={}, this run has r={} alpha={} dropout={}",
+            s.rank, s.alpha, s.dropout, lc.rank, lc.alpha, lc.dropout
+        )));
+    }
+    let want: Vec<String> = lora::target_weights(&model.config, &lc.target_modules)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    if !adapters.pairs.keys().eq(want.iter()) {
+        return Err(bad(format!(
+            "its adapters cover other weights than target_modules `{}` selects",
+            lc.target_modules
+        )));
+    }
+    let canon = |p: &Path| std::fs::canonicalize(p).map_err(io_err(p));
+    let base_abs = canon(base)?;
+    match saved.base_model_name_or_path.as_deref().map(Path::new) {
+        Some(p) if p.is_absolute() && canon(p).ok().as_deref() == Some(base_abs.as_path()) => {}
+        other => {
+            return Err(bad(format!(
+                "adapters of base model {:?}, this run's base is {}",
+                other,
+                base_abs.display()
+            )));
+        }
+    }
+    Ok(adapters)
 }
 
 fn check_config(cfg: &TrainConfig) -> Result<()> {
@@ -307,6 +434,24 @@ fn check_config(cfg: &TrainConfig) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The scalars of a logged step in TensorBoard (`train/loss`, `train/lr`, …).
+fn write_tensorboard(w: &mut EventWriter, m: &StepMetrics) -> Result<()> {
+    let mut values = vec![
+        ("train/loss", m.loss),
+        ("train/ce_loss", m.ce_loss),
+        ("train/lr", m.lr),
+        ("train/grad_norm", m.grad_norm),
+        ("train/tokens_per_s", m.tokens_per_s),
+        ("train/mfu", m.mfu),
+        ("train/total_tokens", m.total_tokens as f64),
+    ];
+    if let Some(aux) = m.aux_loss {
+        values.push(("train/aux_loss", aux));
+    }
+    let path = w.path().to_path_buf();
+    w.scalars(m.step, &values).map_err(io_err(&path))
 }
 
 fn append_metrics(path: &Path, m: &StepMetrics) -> Result<()> {

@@ -1,11 +1,21 @@
 //! [`Trainer`]: a model, its fp32 master weights, AdamW and the LR schedule; one optimizer step over a list of
 //! micro-batches (see the module docs of [`crate::train`] for the maths).
+//!
+//! # LoRA mode ([`Trainer::new_lora`])
+//!
+//! The base weights are frozen: the trainable parameters (masters, AdamW states, clipping, weight decay) are the
+//! adapter factors only, keyed by their PEFT names (`base_model.model.<module>.lora_A.weight` / `lora_B`). The model
+//! runs on the effective weights `W' = W + s·B·A` of every target (the frozen `W` are kept aside on the model
+//! device) and the adapter gradients come from `G = dL/dW'` as `dA = s·Bᵀ·G`, `dB = s·G·Aᵀ` (see
+//! [`crate::lora`]). After every update `W'` is recomputed from `W` and the new masters, so the model's target
+//! weights always equal [`lora::effective_weight`] of the masters bit for bit and every other weight is the base's.
 
 use qkernels::Tensor;
 
 use super::{Result, TrainError};
 use crate::hf::{HostTensor, TensorMap};
-use crate::model::{Batch, Qwen3Model};
+use crate::lora::{self, LoraAdapters, LoraConfig};
+use crate::model::{Batch, ModelError, NamedTensors, Qwen3Model};
 use crate::optim::{self, AdamW, AdamWConfig, AdamWState, LrSchedule, ParamSlot};
 
 /// Optimizer settings of a [`Trainer`].
@@ -45,7 +55,7 @@ pub struct StepStats {
 /// The gradient of one global batch ([`Trainer::gradients`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gradients {
-    /// `d loss / d parameter` by HF name, f32.
+    /// `d loss / d parameter` by master name (HF name; LoRA: the adapter factors by PEFT key), f32.
     pub grads: TensorMap,
     pub loss: f64,
     pub ce_loss: f64,
@@ -54,33 +64,121 @@ pub struct Gradients {
     pub loss_weight: f64,
 }
 
+/// One adapted weight in LoRA mode.
+struct LoraTarget {
+    /// HF name of the base weight.
+    weight: String,
+    /// PEFT keys of its factors in the masters.
+    a_key: String,
+    b_key: String,
+    /// The frozen base weight `W [out, in]` on the model device.
+    base: Tensor,
+    /// The current factors on the model device (refreshed after every update).
+    a: Tensor,
+    b: Tensor,
+}
+
+/// The LoRA part of a [`Trainer`].
+struct LoraState {
+    config: LoraConfig,
+    scaling: f32,
+    targets: Vec<LoraTarget>,
+}
+
 /// Model + optimizer on one process (see [`crate::train`]).
 pub struct Trainer {
     model: Qwen3Model,
-    /// fp32 master weights by HF name.
+    /// fp32 master weights by HF name (LoRA: the adapter factors by PEFT key).
     master: TensorMap,
     optimizer: AdamW,
     opts: OptimizerOptions,
     /// Optimizer steps taken (including skipped ones).
     iteration: u64,
     skipped: u64,
+    lora: Option<LoraState>,
+}
+
+fn check_options(opts: &OptimizerOptions) -> Result<()> {
+    if !(opts.weight_decay >= 0.0 && opts.weight_decay.is_finite()) {
+        return Err(TrainError::Invalid {
+            key: "weight_decay",
+            reason: format!("must be a finite number >= 0, got {}", opts.weight_decay),
+        });
+    }
+    if !(opts.clip_grad >= 0.0 && opts.clip_grad.is_finite()) {
+        return Err(TrainError::Invalid {
+            key: "clip_grad",
+            reason: format!("must be a finite number >= 0, got {}", opts.clip_grad),
+        });
+    }
+    Ok(())
 }
 
 impl Trainer {
+    /// LoRA training of `adapters` on the frozen `model` (see the module docs): the adapters become the master
+    /// weights. `config` must allow training ([`LoraConfig::validate_for_training`]: no dropout) and agree with the
+    /// adapters' rank and scaling; every adapted weight must be a parameter of `model` of shape `[out, in]`.
+    pub fn new_lora(
+        model: Qwen3Model,
+        opts: OptimizerOptions,
+        config: LoraConfig,
+        adapters: LoraAdapters,
+    ) -> Result<Self> {
+        check_options(&opts)?;
+        config.validate_for_training()?;
+        if adapters.rank != config.rank || adapters.scaling != config.scaling() {
+            return Err(TrainError::Invalid {
+                key: "lora",
+                reason: format!(
+                    "the adapters have rank {} and scaling {}, the config rank {} and scaling {}",
+                    adapters.rank,
+                    adapters.scaling,
+                    config.rank,
+                    config.scaling()
+                ),
+            });
+        }
+        let device = model.device();
+        let mut params: NamedTensors = model.params.to_named();
+        adapters.check_against(|n| params.get(n).map(|t| t.shape()))?;
+        let mut targets = Vec::with_capacity(adapters.pairs.len());
+        for (name, p) in &adapters.pairs {
+            let base = params.remove(name).expect("checked above");
+            let upload = |t: &HostTensor| {
+                Tensor::from_f32(t.data.clone(), &t.shape, &device).map_err(ModelError::from)
+            };
+            targets.push(LoraTarget {
+                weight: name.clone(),
+                a_key: lora::peft_key(name, "lora_A"),
+                b_key: lora::peft_key(name, "lora_B"),
+                base,
+                a: upload(&p.a)?,
+                b: upload(&p.b)?,
+            });
+        }
+        let master = adapters.to_peft_tensors();
+        let optimizer = AdamW::new(opts.adam)?;
+        let scaling = adapters.scaling;
+        let mut t = Trainer {
+            model,
+            master,
+            optimizer,
+            opts,
+            iteration: 0,
+            skipped: 0,
+            lora: Some(LoraState {
+                config,
+                scaling,
+                targets,
+            }),
+        };
+        t.upload()?;
+        Ok(t)
+    }
+
     /// Wraps `model`; its current parameters become the master weights.
     pub fn new(model: Qwen3Model, opts: OptimizerOptions) -> Result<Self> {
-        if !(opts.weight_decay >= 0.0 && opts.weight_decay.is_finite()) {
-            return Err(TrainError::Invalid {
-                key: "weight_decay",
-                reason: format!("must be a finite number >= 0, got {}", opts.weight_decay),
-            });
-        }
-        if !(opts.clip_grad >= 0.0 && opts.clip_grad.is_finite()) {
-            return Err(TrainError::Invalid {
-                key: "clip_grad",
-                reason: format!("must be a finite number >= 0, got {}", opts.clip_grad),
-            });
-        }
+        check_options(&opts)?;
         let master = model.params.to_host()?;
         let optimizer = AdamW::new(opts.adam)?;
         Ok(Trainer {
@@ -90,6 +188,33 @@ impl Trainer {
             opts,
             iteration: 0,
             skipped: 0,
+            lora: None,
+        })
+    }
+
+    /// The LoRA settings in LoRA mode, `None` for full training.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.config)
+    }
+
+    /// The current adapters in LoRA mode (a copy of the masters, keyed by base weight name).
+    pub fn adapters(&self) -> Option<LoraAdapters> {
+        let l = self.lora.as_ref()?;
+        let pairs = l
+            .targets
+            .iter()
+            .map(|t| {
+                let pair = lora::LoraPair {
+                    a: self.master[&t.a_key].clone(),
+                    b: self.master[&t.b_key].clone(),
+                };
+                (t.weight.clone(), pair)
+            })
+            .collect();
+        Some(LoraAdapters {
+            rank: l.config.rank,
+            scaling: l.scaling,
+            pairs,
         })
     }
 
@@ -97,7 +222,7 @@ impl Trainer {
         &self.model
     }
 
-    /// The fp32 master weights by HF name (what a checkpoint saves).
+    /// The fp32 master weights by HF name (what a checkpoint saves); in LoRA mode the adapter factors by PEFT key.
     pub fn master(&self) -> &TensorMap {
         &self.master
     }
@@ -184,8 +309,23 @@ impl Trainer {
             if let Some(a) = out.aux_loss {
                 *g.aux_loss.get_or_insert(0.0) += frac * a;
             }
+            let grads = match &self.lora {
+                None => out.grads,
+                Some(l) => {
+                    // dL/dA = s·Bᵀ·G, dL/dB = s·G·Aᵀ with G = dL/dW' (see crate::lora).
+                    let mut ab = NamedTensors::new();
+                    for t in &l.targets {
+                        let gw = &out.grads[&t.weight];
+                        let (da, db) = lora::adapter_grads(gw, &t.a, &t.b, l.scaling)
+                            .map_err(ModelError::from)?;
+                        ab.insert(t.a_key.clone(), da);
+                        ab.insert(t.b_key.clone(), db);
+                    }
+                    ab
+                }
+            };
             let factor = frac as f32;
-            for (name, t) in out.grads {
+            for (name, t) in grads {
                 let mut data = t.to_vec_f32().map_err(crate::model::ModelError::from)?;
                 if factor != 1.0 {
                     data.iter_mut().for_each(|x| *x *= factor);
@@ -265,9 +405,28 @@ impl Trainer {
         })
     }
 
-    /// Copies the master weights into the model's tensors.
+    /// Copies the master weights into the model's tensors (LoRA: recomputes the effective weights).
     fn upload(&mut self) -> Result<()> {
         let device = self.model.device();
+        if let Some(l) = &mut self.lora {
+            let mut effective = NamedTensors::new();
+            for t in &mut l.targets {
+                let (a, b) = (&self.master[&t.a_key], &self.master[&t.b_key]);
+                t.a = Tensor::from_f32(a.data.clone(), &a.shape, &device)
+                    .map_err(ModelError::from)?;
+                t.b = Tensor::from_f32(b.data.clone(), &b.shape, &device)
+                    .map_err(ModelError::from)?;
+                let w = lora::effective_weight(&t.base, &t.a, &t.b, l.scaling)
+                    .map_err(ModelError::from)?;
+                effective.insert(t.weight.clone(), w);
+            }
+            self.model.params.visit_mut(&mut |name, t| {
+                if let Some(w) = effective.remove(&name) {
+                    *t = w;
+                }
+            });
+            return Ok(());
+        }
         let master = &self.master;
         let mut failed = None;
         self.model.params.visit_mut(&mut |name, t| {

@@ -70,6 +70,24 @@ impl From<qkernels::KernelError> for ZeroError {
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, ZeroError>;
 
+/// A fixed, ordered set of named parameters: what the optimizer lays out flat. Implemented by [`Qwen3Params`] (a
+/// whole model or a TP shard) and by [`crate::pipeline::StageParams`] (one pipeline stage).
+pub trait ParamSet {
+    /// Calls `f(name, tensor)` for every parameter, always in the same order.
+    fn visit_params(&self, f: &mut dyn FnMut(String, &qkernels::Tensor));
+    /// The same walk, mutably.
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(String, &mut qkernels::Tensor));
+}
+
+impl ParamSet for Qwen3Params {
+    fn visit_params(&self, f: &mut dyn FnMut(String, &qkernels::Tensor)) {
+        self.visit(&mut |n, t| f(n, t));
+    }
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(String, &mut qkernels::Tensor)) {
+        self.visit_mut(f);
+    }
+}
+
 /// Settings of the distributed optimizer (AdamW's betas and eps are in [`AdamWConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ZeroConfig {
@@ -147,7 +165,7 @@ impl DistributedOptimizer {
     pub fn for_params(
         config: ZeroConfig,
         adam: AdamWConfig,
-        params: &Qwen3Params,
+        params: &(impl ParamSet + ?Sized),
         dp_size: usize,
         dp_rank: usize,
         counts_in_norm: &dyn Fn(&str) -> bool,
@@ -166,7 +184,7 @@ impl DistributedOptimizer {
         }
         let mut segments = Vec::new();
         let mut off = 0;
-        params.visit(&mut |name, t| {
+        params.visit_params(&mut |name, t| {
             let n = t.elem_count();
             segments.push(Segment {
                 counts_in_norm: counts_in_norm(&name),
@@ -194,7 +212,10 @@ impl DistributedOptimizer {
             adam: AdamW::new(adam)?,
             steps: 0,
         };
-        let named = params.to_named();
+        let mut named = NamedTensors::new();
+        params.visit_params(&mut |n, t| {
+            named.insert(n, t.clone());
+        });
         opt.master = opt.flatten(&|name| Ok(named.get(name).cloned()))?[opt.shard.clone()].to_vec();
         Ok(opt)
     }
@@ -263,7 +284,7 @@ impl DistributedOptimizer {
     /// whose ranks hold different parts of the model). Collective over all of them.
     pub fn step_with(
         &mut self,
-        params: &mut Qwen3Params,
+        params: &mut (impl ParamSet + ?Sized),
         grads: &NamedTensors,
         lr: f64,
         dp: &dyn Communicator,
@@ -350,7 +371,7 @@ impl DistributedOptimizer {
         }
         let mut k = 0;
         let mut err = None;
-        params.visit_mut(&mut |name, t| {
+        params.visit_params_mut(&mut |name, t| {
             let Some(seg) = self
                 .segments
                 .get(k)

@@ -24,6 +24,7 @@ use std::path::Path;
 
 use qkernels::ops::{self, RopeTable};
 use qkernels::{Device, Tensor};
+use qparallel::hf::TensorMap;
 use qparallel::model::{DecoderLayer, Ffn, ModelConfig, Qwen3Model, Qwen3Params};
 
 use super::error::EngineError;
@@ -61,6 +62,17 @@ impl InferenceModel {
     /// Loads an HF model dir (`config.json` + safetensors).
     pub fn from_hf_dir(dir: impl AsRef<Path>, device: Device) -> Result<Self, EngineError> {
         let m = Qwen3Model::from_hf_dir(dir, device)?;
+        Ok(InferenceModel::from_model(m))
+    }
+
+    /// Builds the model from HF-named host tensors already in memory (e.g. base weights with LoRA adapters
+    /// merged in), checked against `config` as [`InferenceModel::from_hf_dir`] checks a checkpoint.
+    pub fn from_tensors(
+        config: ModelConfig,
+        tensors: TensorMap,
+        device: Device,
+    ) -> Result<Self, EngineError> {
+        let m = Qwen3Model::from_host(config, tensors, device)?;
         Ok(InferenceModel::from_model(m))
     }
 

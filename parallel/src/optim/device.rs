@@ -1,0 +1,153 @@
+//! [`DeviceAdamW`]: the optimizer step on device tensors — fp32 master weights and AdamW moments kept on the
+//! model's device, the global gradient norm from one fused sum-of-squares pass, torch's clipping coefficient,
+//! and one fused AdamW kernel per parameter that also writes the model's compute weights (bf16 on GPU).
+//!
+//! Same maths as the host optimizer ([`super::AdamW`] + [`super::clip_grad_norm`]); the clipping factor is not
+//! applied to the gradients in a separate pass but folded into the AdamW kernel (`g·coef` is the first thing it
+//! computes, the same f32 product `scale_grads` forms). A non-finite norm skips the update (nothing changes).
+//!
+//! Invariants: after [`DeviceAdamW::step`] every parameter of the model equals its master cast to the
+//! model's dtype; masters and moments never leave the device (checkpoints read them back explicitly).
+
+use std::collections::BTreeMap;
+
+use qkernels::{DType, Tensor, ops};
+
+use super::{AdamWConfig, OptimError, clip_coefficient, decays};
+use crate::model::{NamedTensors, Qwen3Model};
+
+/// Errors of the device optimizer.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceOptimError {
+    #[error(transparent)]
+    Kernel(#[from] qkernels::KernelError),
+    #[error(transparent)]
+    Config(#[from] OptimError),
+    /// The gradients handed to a step lack a parameter of the model.
+    #[error("no gradient for parameter `{name}`")]
+    MissingGrad { name: String },
+}
+
+/// Per-parameter device state.
+struct Slot {
+    master: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    weight_decay: f64,
+}
+
+/// What one [`DeviceAdamW::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceStepReport {
+    /// Pre-clip global gradient norm.
+    pub grad_norm: f64,
+    /// The factor gradients were scaled by (1 when not clipped).
+    pub clip_coef: f32,
+    /// True when the norm was not finite and nothing was updated.
+    pub skipped: bool,
+}
+
+/// AdamW with fp32 masters on the model's device (see the module docs).
+pub struct DeviceAdamW {
+    config: AdamWConfig,
+    slots: BTreeMap<String, Slot>,
+    /// Optimizer steps taken (the bias-correction `t` of the next step is `steps + 1`).
+    steps: u64,
+}
+
+impl DeviceAdamW {
+    /// Master weights from the model's current parameters (cast to f32 on their device), zero moments.
+    /// Matrices get `weight_decay`, 1-D tensors none ([`decays`]).
+    pub fn new(model: &Qwen3Model, config: AdamWConfig, weight_decay: f64) -> Result<Self, DeviceOptimError> {
+        config.validate()?;
+        let mut slots = BTreeMap::new();
+        let mut err = None;
+        model.params.visit(&mut |name, t| {
+            if err.is_some() {
+                return;
+            }
+            let built = (|| -> Result<Slot, qkernels::KernelError> {
+                let master = t.to_dtype(DType::F32)?;
+                let zeros = Tensor::zeros(t.shape(), DType::F32, &t.device())?;
+                Ok(Slot {
+                    master,
+                    exp_avg: zeros.clone(),
+                    exp_avg_sq: zeros,
+                    weight_decay: if decays(t.shape()) { weight_decay } else { 0.0 },
+                })
+            })();
+            match built {
+                Ok(s) => {
+                    slots.insert(name, s);
+                }
+                Err(e) => err = Some(e),
+            }
+        });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        Ok(DeviceAdamW { config, slots, steps: 0 })
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The fp32 master of `name`.
+    pub fn master(&self, name: &str) -> Option<&Tensor> {
+        self.slots.get(name).map(|s| &s.master)
+    }
+
+    /// One step with learning rate `lr`: norm of `grads` (every parameter must have one), clip to `clip_grad`
+    /// (0 = no clipping), AdamW on every master, the model's weights replaced by the new masters in its dtype.
+    pub fn step(
+        &mut self,
+        model: &mut Qwen3Model,
+        grads: &NamedTensors,
+        lr: f64,
+        clip_grad: f64,
+    ) -> Result<DeviceStepReport, DeviceOptimError> {
+        if let Some(name) = self.slots.keys().find(|n| !grads.contains_key(*n)) {
+            return Err(DeviceOptimError::MissingGrad { name: name.clone() });
+        }
+        let views: Vec<&Tensor> = grads.values().collect();
+        let grad_norm = ops::sum_squares(&views)?.sqrt();
+        if !grad_norm.is_finite() {
+            self.steps += 1;
+            return Ok(DeviceStepReport { grad_norm, clip_coef: 1.0, skipped: true });
+        }
+        let clip_coef = if clip_grad > 0.0 { clip_coefficient(grad_norm, clip_grad) } else { 1.0 };
+        let t = self.steps + 1;
+        let mut new_weights = BTreeMap::new();
+        for (name, slot) in self.slots.iter_mut() {
+            let g = &grads[name];
+            let g32 = if g.dtype() == DType::F32 { g.clone() } else { g.to_dtype(DType::F32)? };
+            let s = ops::AdamWScalars::new(self.config.beta1, self.config.beta2, self.config.eps, lr, slot.weight_decay, t);
+            let weight_dtype = model_dtype(model, name);
+            let out = ops::adamw_step(&slot.master, &g32, &slot.exp_avg, &slot.exp_avg_sq, &s, clip_coef, weight_dtype)?;
+            slot.master = out.master;
+            slot.exp_avg = out.exp_avg;
+            slot.exp_avg_sq = out.exp_avg_sq;
+            new_weights.insert(name.clone(), out.weight);
+        }
+        model.params.visit_mut(&mut |name, w| {
+            if let Some(n) = new_weights.remove(&name) {
+                *w = n;
+            }
+        });
+        self.steps = t;
+        Ok(DeviceStepReport { grad_norm, clip_coef, skipped: false })
+    }
+}
+
+/// The dtype of the model's parameter `name` (its compute dtype).
+fn model_dtype(model: &Qwen3Model, name: &str) -> DType {
+    let mut d = DType::F32;
+    model.params.visit(&mut |n, t| {
+        if n == name {
+            d = t.dtype();
+        }
+    });
+    d
+}
