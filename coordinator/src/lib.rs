@@ -3,7 +3,8 @@
 //!
 //! Map:
 //! - [`domain`]: jobs, attempts, ranks, nodes (what is persisted).
-//! - [`store`]: the durable state trait, with redb and in-memory backends.
+//! - [`store`]: the durable state trait, with redb, etcd and in-memory backends.
+//! - [`ha`]: several coordinators on one etcd: leader election, followers redirect to the leader.
 //! - [`scheduler`]: pure gang placement and queue order.
 //! - [`cluster`]: the state machine (submit, place, rank reports, node loss, cancel, restarts).
 //! - [`rendezvous`]: per-attempt rooms where ranks meet and share NCCL ids.
@@ -11,8 +12,11 @@
 //! - [`service`]: the gRPC edge (Coordinator, WorkerControl, Rendezvous) plus health and reflection.
 //! - [`metrics`]: Prometheus text for `GET /metrics` on `--metrics-listen`.
 
+pub mod auth;
 pub mod cluster;
 pub mod domain;
+#[cfg(feature = "etcd")]
+pub mod ha;
 pub mod logs;
 pub mod metrics;
 pub mod rendezvous;
@@ -44,6 +48,8 @@ pub struct CoordinatorConfig {
     pub stop_grace: Duration,
     /// Serve Prometheus metrics over HTTP (`GET /metrics`) here; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS and bearer tokens ([`auth`]); none by default.
+    pub security: auth::ServerSecurity,
 }
 
 impl CoordinatorConfig {
@@ -56,6 +62,7 @@ impl CoordinatorConfig {
             heartbeat_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
             metrics_listen: None,
+            security: auth::ServerSecurity::default(),
         }
     }
 }
@@ -102,13 +109,40 @@ impl CoordinatorHandle {
     }
 }
 
-/// Opens the state, binds the listener and serves in the background.
+/// Opens the state, binds the listener and serves in the background. (Several coordinators on etcd with
+/// leader election: [`ha::start`].)
 pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandle> {
     let store: Arc<dyn store::StateStore> = if config.in_memory {
         Arc::new(store::MemoryStore::default())
     } else {
         Arc::new(store::RedbStore::open(&config.state_dir)?)
     };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    serve(config, store, listener).await
+}
+
+/// The gRPC server builder with the listener's TLS settings (shared by the leader and the HA follower).
+pub(crate) fn server_builder(security: &auth::ServerSecurity) -> anyhow::Result<tonic::transport::Server> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        let mut t = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            t = t.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(t).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+    }
+    Ok(builder)
+}
+
+/// Loads the cluster from `store` and serves it on `listener` in the background.
+pub(crate) async fn serve(
+    config: CoordinatorConfig,
+    store: Arc<dyn store::StateStore>,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<CoordinatorHandle> {
     let timings = ClusterTimings {
         heartbeat_interval: config.heartbeat_interval,
         heartbeat_timeout: config.heartbeat_timeout,
@@ -116,10 +150,6 @@ pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandl
     };
     let cluster = Arc::new(Cluster::open(store, timings)?);
     let api = service::Api { cluster: cluster.clone(), logs: logs::LogStore::new(&config.state_dir) };
-
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -146,20 +176,27 @@ pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandl
     });
 
     let metrics = match config.metrics_listen {
-        Some(addr) => Some(serve_metrics(addr, cluster.clone()).await?),
+        Some(addr) => {
+            let c = cluster.clone();
+            Some(
+                qcluster_cli::serve_metrics(addr, move || c.metrics_text())
+                    .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?,
+            )
+        }
         None => None,
     };
     let metrics_addr = metrics.as_ref().map(|(addr, _)| *addr);
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
+    let sec = &config.security;
+    let server = server_builder(sec)?
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(CoordinatorServer::new(api.clone()))
-        .add_service(WorkerControlServer::new(api.clone()))
-        .add_service(RendezvousServer::new(api));
+        .add_service(CoordinatorServer::with_interceptor(api.clone(), sec.users()))
+        .add_service(WorkerControlServer::with_interceptor(api.clone(), sec.workers()))
+        .add_service(RendezvousServer::with_interceptor(api, sec.workers()));
     let task = tokio::spawn(async move {
         server
             .serve_with_incoming_shutdown(incoming, async {
@@ -173,28 +210,3 @@ pub async fn start(config: CoordinatorConfig) -> anyhow::Result<CoordinatorHandl
     Ok(CoordinatorHandle { addr, cluster, metrics_addr, shutdown: Some(shutdown_tx), task, background })
 }
 
-/// Binds `addr` and serves `GET /metrics` in the background.
-async fn serve_metrics(
-    addr: SocketAddr,
-    cluster: Arc<Cluster>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let cluster = cluster.clone();
-            async move {
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], cluster.metrics_text())
-            }
-        }),
-    );
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("metrics server: {e}");
-        }
-    });
-    Ok((bound, task))
-}

@@ -1,5 +1,6 @@
-//! Durable cluster state behind one trait: an in-memory backend (tests, benchmarks) and redb (the
-//! embedded default, one file in `--state-dir`).
+//! Durable cluster state behind one trait: an in-memory backend (tests, benchmarks), redb (the
+//! embedded default, one file in `--state-dir`) and etcd ([`etcd`]: the state several coordinators share,
+//! with writes fenced by the leader key).
 //!
 //! The coordinator keeps the authoritative state in memory and writes every changed record through
 //! [`StateStore::write`]. Writes are applied in call order, so the last write of a record wins. The redb
@@ -13,6 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
 use tokio::sync::oneshot;
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdConfig, EtcdStore, Fence};
+
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
@@ -24,6 +30,10 @@ pub enum StoreError {
     Corrupt { key: String, source: serde_json::Error },
     #[error("the state writer has stopped")]
     WriterGone,
+    #[error("etcd at {endpoints}: {message}")]
+    Etcd { endpoints: String, message: String },
+    #[error("not the leader any more: the etcd leader key changed hands, so this coordinator may not write")]
+    Fenced,
 }
 
 /// Records changed by one mutation of the cluster state.
@@ -198,7 +208,7 @@ impl StateStore for RedbStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::{JobState, Progress};
 
@@ -238,12 +248,25 @@ mod tests {
         a.event("started");
         let node = NodeRecord { name: "n1".into(), gpus: 8, cpu_slots: 4, gpu_names: vec![], address: "h".into() };
         store.write(WriteBatch { jobs: vec![a.clone()], nodes: vec![node.clone()] }).await.unwrap().unwrap();
+        // A burst queued without waiting (one group commit): applied in call order, the last version wins.
+        let mut b = job("b", 2);
+        let mut pending = Vec::new();
+        for i in 0..40 {
+            b.message = format!("version {i}");
+            let extra = job(&format!("burst-{i:02}"), 100 + i);
+            pending.push(store.write(WriteBatch { jobs: vec![b.clone(), extra], nodes: vec![] }));
+        }
+        for p in pending {
+            p.await.unwrap().unwrap();
+        }
+        assert_eq!(store.load().unwrap().jobs.len(), 42, "a load sees every write queued before it");
         drop(store);
         let snap = open().load().unwrap();
         let mut jobs = snap.jobs;
         jobs.sort_by_key(|j| j.seq);
-        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs.len(), 42);
         assert_eq!(jobs[0], a, "last write wins and survives reopening");
+        assert_eq!(jobs[1], b, "the burst's last version wins");
         assert_eq!(snap.nodes, vec![node]);
     }
 
@@ -267,6 +290,97 @@ mod tests {
             }
         }
         store_suite(|| Box::new(Shared(store.clone()))).await;
+    }
+
+    #[cfg(feature = "etcd")]
+    /// etcd for tests: `QCLUSTER_TEST_ETCD` (default `127.0.0.1:2379`) under a fresh prefix, or `None` after
+    /// printing why the test skips.
+    pub(crate) fn test_etcd(test: &str) -> Option<EtcdConfig> {
+        let endpoint = std::env::var("QCLUSTER_TEST_ETCD").unwrap_or_else(|_| "127.0.0.1:2379".into());
+        let config = EtcdConfig::new(&endpoint, &format!("/qcluster-test/{test}-{}", uuid::Uuid::new_v4())).unwrap();
+        let hostport = config.endpoints[0].split("://").nth(1).unwrap_or_default().trim_end_matches('/').to_string();
+        let reachable = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok());
+        if !reachable {
+            println!("SKIPPED {test}: no etcd at {endpoint} (set QCLUSTER_TEST_ETCD, or start `etcd` on 127.0.0.1:2379)");
+            return None;
+        }
+        Some(config)
+    }
+
+    #[cfg(feature = "etcd")]
+    /// Deletes everything under the test's prefix.
+    pub(crate) async fn wipe_etcd(config: &EtcdConfig) {
+        let mut client = config.client().await.unwrap();
+        let _ = client.delete(format!("{}/", config.prefix), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn etcd_backend_passes_the_suite() {
+        let Some(config) = test_etcd("store-suite") else { return };
+        store_suite(|| Box::new(EtcdStore::connect(&config, None).unwrap())).await;
+        wipe_etcd(&config).await;
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn etcd_loads_large_states_in_pages_and_splits_oversized_batches() {
+        let Some(config) = test_etcd("store-large") else { return };
+        let store = EtcdStore::connect(&config, None).unwrap();
+        // More records than one transaction takes and than one load page returns.
+        let jobs: Vec<JobRecord> = (0..(etcd::MAX_TXN_OPS as u64 * 2 + 17)).map(|i| job(&format!("j{i:04}"), i)).collect();
+        store.write(WriteBatch { jobs: jobs.clone(), nodes: vec![] }).await.unwrap().unwrap();
+        let mut loaded = store.load().unwrap().jobs;
+        loaded.sort_by_key(|j| j.seq);
+        assert_eq!(loaded, jobs);
+        drop(store);
+        wipe_etcd(&config).await;
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn etcd_writes_are_fenced_by_the_leader_key() {
+        let Some(config) = test_etcd("store-fence") else { return };
+        let mut client = config.client().await.unwrap();
+        let key = config.leader_key();
+        let put = client.put(key.clone(), "http://old-leader", None).await.unwrap();
+        let fence = Fence { key: key.clone(), create_revision: put.header().unwrap().revision() };
+        let store = EtcdStore::connect(&config, Some(fence)).unwrap();
+        let fenced = store.fenced();
+        store.write(WriteBatch { jobs: vec![job("a", 1)], nodes: vec![] }).await.unwrap().unwrap();
+        // Another coordinator wins an election: the key is deleted (lease expiry) and created again.
+        client.delete(key.clone(), None).await.unwrap();
+        client.put(key.clone(), "http://new-leader", None).await.unwrap();
+        let mut late = job("a", 1);
+        late.state = JobState::Failed;
+        let err = store.write(WriteBatch { jobs: vec![late], nodes: vec![] }).await.unwrap().unwrap_err();
+        assert!(err.contains("not the leader"), "{err}");
+        assert!(*fenced.borrow(), "the store signals that it was fenced");
+        let err = store.write(WriteBatch { jobs: vec![job("b", 2)], nodes: vec![] }).await.unwrap().unwrap_err();
+        assert!(err.contains("not the leader"), "every later write is refused too: {err}");
+        let snap = EtcdStore::connect(&config, None).unwrap().load().unwrap();
+        assert_eq!(snap.jobs, vec![job("a", 1)], "the deposed leader's writes never landed");
+        drop(store);
+        wipe_etcd(&config).await;
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn etcd_corrupt_record_is_named_and_unreachable_etcd_is_a_clear_error() {
+        let Some(config) = test_etcd("store-corrupt") else { return };
+        let mut client = config.client().await.unwrap();
+        client.put(format!("{}job-x", config.jobs_prefix()), "{not json", None).await.unwrap();
+        let err = EtcdStore::connect(&config, None).unwrap().load().unwrap_err().to_string();
+        assert!(err.contains("/jobs/job-x"), "{err}");
+        wipe_etcd(&config).await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut nowhere = EtcdConfig::new(&format!("127.0.0.1:{port}"), "/q").unwrap();
+        nowhere.request_timeout = std::time::Duration::from_secs(1);
+        let err = EtcdStore::connect(&nowhere, None).err().expect("no etcd there").to_string();
+        assert!(err.contains(&format!("etcd at http://127.0.0.1:{port}")), "{err}");
     }
 
     #[test]

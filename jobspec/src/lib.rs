@@ -28,8 +28,10 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub mod serve;
 pub mod sft;
 
+pub use serve::ServeSpec;
 pub use sft::{Bilingual, LoraSettings, SftSettings, TrainType, Truncation};
 
 /// What a job does.
@@ -61,7 +63,7 @@ impl JobKind {
 
     /// Kinds this build can run on the cluster.
     pub fn is_runnable(self) -> bool {
-        matches!(self, JobKind::CommCheck | JobKind::Pretrain | JobKind::Sft)
+        matches!(self, JobKind::CommCheck | JobKind::Pretrain | JobKind::Sft | JobKind::Serve)
     }
 
     /// Kinds that train a model and so read the training keys ([`JobSpec::training`]).
@@ -174,6 +176,12 @@ pub struct JobSpec {
     pub parallel: ParallelSpec,
     #[serde(default)]
     pub comm_check: CommCheckSpec,
+    /// The inference worker of `kind: serve`, or of a training job with `serve_after_training` (see [`serve`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<ServeSpec>,
+    /// Training jobs: once training has finished, rank 0 serves the final checkpoint until the job is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve_after_training: Option<bool>,
     /// Environment variables for the rank processes (names must be valid identifiers).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
@@ -437,19 +445,36 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
 
 impl JobSpec {
     /// Refuses valid specs that this build cannot run yet, naming the key, so a cluster job fails at
-    /// submit time instead of in its rank processes: training across several ranks (the tensor/data
-    /// parallel engine exists in `qparallel` but is not wired into jobs yet).
+    /// submit time instead of in its rank processes. Training runs on any number of ranks with the layouts the
+    /// engine has a model for (`qparallel::train::EngineKind`): dp × tp (± sp) × pp (× vpp), or dp × cp × ep × etp
+    /// with tp = pp = 1; LoRA adapters train on one rank only.
     pub fn check_runnable(&self, source_name: &str) -> Result<(), JobSpecError> {
-        if self.kind.is_training() && self.world_size() > 1 {
-            return Err(JobSpecError::Invalid {
-                source_name: source_name.to_string(),
-                key: "resources".into(),
-                message: format!(
-                    "{} ranks asked for: this build trains on one rank (`resources: {{ranks: 1}}` or one GPU); \
-                     multi-rank training jobs come with the parallel engine",
+        let refuse = |key: &str, message: String| {
+            Err(JobSpecError::Invalid { source_name: source_name.to_string(), key: key.into(), message })
+        };
+        if !self.kind.is_training() || self.world_size() == 1 {
+            return Ok(());
+        }
+        if self.train_type == Some(TrainType::Lora) {
+            return refuse(
+                "train_type",
+                format!(
+                    "`lora` trains on one rank only, the spec asks for {} ranks (`resources: {{ranks: 1}}`, or \
+                     `train_type: full`)",
                     self.world_size()
                 ),
-            });
+            );
+        }
+        let p = &self.parallel;
+        if (p.cp > 1 || p.ep > 1) && (p.tp > 1 || p.pp > 1) {
+            return refuse(
+                "parallel",
+                format!(
+                    "cp {} / ep {} together with tp {} / pp {}: training runs context and expert parallelism with \
+                     tp = pp = 1 only",
+                    p.cp, p.ep, p.tp, p.pp
+                ),
+            );
         }
         Ok(())
     }
@@ -469,6 +494,11 @@ impl JobSpec {
         self.output_dir.iter_mut().for_each(resolve);
         if let Some(Resume::Path(p)) = &mut self.resume {
             resolve(p);
+        }
+        if let Some(sv) = &mut self.serve {
+            sv.model.iter_mut().for_each(resolve);
+            sv.adapters.iter_mut().for_each(resolve);
+            sv.api_key_file.iter_mut().for_each(resolve);
         }
     }
 
@@ -744,7 +774,7 @@ impl JobSpec {
         if !self.kind.is_runnable() {
             return Err(invalid(
                 "kind",
-                format!("kind `{}` is not supported by this build yet (supported: comm-check, pretrain, sft)", self.kind),
+                format!("kind `{}` is not supported by this build yet (supported: comm-check, pretrain, sft, serve)", self.kind),
             ));
         }
         if self.max_restarts > 100 {
@@ -842,6 +872,7 @@ impl JobSpec {
                 ));
             }
         }
+        serve::validate(self).map_err(|(key, message)| invalid(&key, message))?;
         self.validate_training(source_name)
     }
 }
@@ -888,14 +919,21 @@ dataset: [d.jsonl, /abs/e.jsonl]\noutput_dir: out\nresume: ckpt/checkpoint-4\ntr
     }
 
     #[test]
-    fn multi_rank_training_is_refused_before_it_runs() {
-        let y = "name: pt\nkind: pretrain\nresources: {ranks: 2}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 3\n";
-        let s = JobSpec::parse(y, "j.yaml").unwrap();
-        let e = s.check_runnable("j.yaml").unwrap_err().to_string();
-        assert!(e.contains("j.yaml: key `resources`") && e.contains("2 ranks"), "{e}");
-        let one = JobSpec::parse(&y.replace("ranks: 2", "ranks: 1"), "j.yaml").unwrap();
+    fn multi_rank_training_runs_except_layouts_without_a_model() {
+        let y = "name: pt\nkind: pretrain\nresources: {ranks: 4}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 3\n";
+        for parallel in ["", "parallel: {tp: 2}\n", "parallel: {tp: 2, pp: 2, sp: true}\n", "parallel: {cp: 2, ep: 2}\n"] {
+            let s = JobSpec::parse(&format!("{y}{parallel}"), "j.yaml").unwrap();
+            assert_eq!(s.check_runnable("j.yaml"), Ok(()), "{parallel}");
+        }
+        let mixed = JobSpec::parse(&format!("{y}parallel: {{tp: 2, cp: 2}}\n"), "j.yaml").unwrap();
+        let e = mixed.check_runnable("j.yaml").unwrap_err().to_string();
+        assert!(e.contains("j.yaml: key `parallel`") && e.contains("tp = pp = 1"), "{e}");
+        let lora = JobSpec::parse(&format!("{y}train_type: lora\n"), "j.yaml").unwrap();
+        let e = lora.check_runnable("j.yaml").unwrap_err().to_string();
+        assert!(e.contains("j.yaml: key `train_type`") && e.contains("4 ranks"), "{e}");
+        let one = JobSpec::parse(&format!("{}train_type: lora\n", y.replace("ranks: 4", "ranks: 1")), "j.yaml").unwrap();
         assert_eq!(one.check_runnable("j.yaml"), Ok(()));
-        let cc = JobSpec::parse("name: c\nkind: comm-check\nresources: {ranks: 4}\n", "c.yaml").unwrap();
+        let cc = JobSpec::parse("name: c\nkind: comm-check\nresources: {ranks: 4}\nparallel: {tp: 2, cp: 2}\n", "c.yaml").unwrap();
         assert_eq!(cc.check_runnable("c.yaml"), Ok(()));
     }
 
@@ -1087,6 +1125,7 @@ dataset_shuffle: false\nmodel_name: [小黄, Xiao Huang]\nmodel_author: swift\n"
             (format!("{sft}lora_rank: 8\n"), "lora_rank"),
             (format!("{sft}train_type: lora\nlora_rank: 0\n"), "lora_rank"),
             (format!("{sft}train_type: lora\nlora_dropout: 1.5\n"), "lora_dropout"),
+            (format!("{sft}train_type: lora\nlora_dropout: 0.05\n"), "lora_dropout"),
             (format!("{sft}train_type: lora\ntarget_modules: [all-linear, q_proj]\n"), "target_modules"),
             (format!("{pre}packing: true\n"), "packing"),
             (format!("{pre}model_author: me\n"), "model_author"),
@@ -1099,5 +1138,35 @@ dataset_shuffle: false\nmodel_name: [小黄, Xiao Huang]\nmodel_author: swift\n"
         }
         let e = JobSpec::parse(&format!("{sft}train_type: qlora\n"), "j.yaml").unwrap_err().to_string();
         assert!(e.starts_with("j.yaml:7:") && e.contains("qlora"), "{e}");
+    }
+
+    #[test]
+    fn serve_jobs_and_serve_after_training() {
+        let y = "name: sv\nkind: serve\nresources: {ranks: 1}\nserve: {model: m, port: 0, served_model_name: tiny}\n";
+        let mut s = JobSpec::parse(y, "sv.yaml").unwrap();
+        s.resolve_relative_paths(std::path::Path::new("/w"));
+        let sv = s.serve.clone().unwrap();
+        assert_eq!((sv.model.as_deref(), sv.port, sv.served_model_name.as_deref()), (Some("/w/m"), 0, Some("tiny")));
+        assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s);
+        let t = "name: a\nkind: pretrain\nresources: {ranks: 1}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 1\n";
+        JobSpec::parse(&format!("{t}serve_after_training: true\nserve: {{port: 0}}\n"), "t").unwrap();
+        let cases = [
+            ("name: sv\nkind: serve\nresources: {ranks: 1}\n".to_string(), "serve"),
+            ("name: sv\nkind: serve\nresources: {ranks: 1}\nserve: {port: 1}\n".to_string(), "serve.model"),
+            ("name: sv\nkind: serve\nresources: {ranks: 2}\nserve: {model: m}\n".to_string(), "resources"),
+            (format!("{t}serve: {{port: 0}}\n"), "serve"),
+            (format!("{t}serve_after_training: true\nserve: {{model: m}}\n"), "serve.model"),
+            ("name: c\nkind: comm-check\nresources: {ranks: 1}\nserve_after_training: true\n".to_string(), "serve_after_training"),
+        ];
+        for (yaml, key) in cases {
+            match JobSpec::parse(&yaml, "j.yaml").unwrap_err() {
+                JobSpecError::Invalid { key: k, .. } => assert_eq!(k, key, "{yaml}"),
+                other => panic!("{yaml}: {other:?}"),
+            }
+        }
+        let e = JobSpec::parse("name: sv\nkind: serve\nresources: {ranks: 1}\nserve: {model: m, prot: 1}\n", "j.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prot"), "{e}");
     }
 }

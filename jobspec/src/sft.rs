@@ -165,6 +165,14 @@ pub(crate) fn resolve(spec: &JobSpec) -> Result<(Option<SftSettings>, Option<Lor
             if !(0.0..1.0).contains(&dropout) {
                 return Err(err("lora_dropout", format!("must be in [0, 1), got {dropout}")));
             }
+            if dropout > 0.0 {
+                // The engine trains adapters exactly through the merged weight W + s·B·A, which has no place for
+                // dropout on the adapter input; refuse here rather than fail in the ranks.
+                return Err(err(
+                    "lora_dropout",
+                    format!("{dropout}: adapter dropout is not supported by this build; set lora_dropout: 0"),
+                ));
+            }
             let target_modules = if spec.target_modules.is_empty() {
                 vec![defaults::TARGET_MODULES.to_string()]
             } else {

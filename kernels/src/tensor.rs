@@ -110,6 +110,22 @@ impl Tensor {
         }
     }
 
+    /// The device storage of a CUDA tensor, `None` on the CPU. For code that hands device memory to another
+    /// library (NCCL collectives in `qparallel::comm`): the storage must only be *read* (tensors are immutable
+    /// values, and clones share it).
+    pub fn cuda_storage(&self) -> Option<&crate::cuda::storage::CudaStorage> {
+        match &self.storage {
+            Storage::Cuda(s) => Some(s),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// A tensor over a CUDA storage (its shape and dtype). The storage becomes immutable from here on: whoever
+    /// wrote it (a collective into a fresh buffer) must be done or stream-ordered before the tensor's next use.
+    pub fn from_cuda_storage(s: crate::cuda::storage::CudaStorage) -> Tensor {
+        Tensor::from_cuda(s)
+    }
+
     /// True when the tensor lives on a GPU.
     pub fn is_cuda(&self) -> bool {
         matches!(self.storage, Storage::Cuda(_))

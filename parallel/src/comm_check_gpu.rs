@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use qkernels::DType as KDType;
 
-use crate::comm::{CommBuffer, Communicator, DeviceBuffer, NcclCommunicator, NcclError, ReduceOp, chunk_range};
+use crate::comm::{
+    CommBuffer, Communicator, DeviceBuffer, NcclCommunicator, NcclError, ReduceOp, chunk_range,
+};
 use crate::comm_check::{
     Collective, CollectiveResult, CommCheckError, CommCheckOptions, CommCheckReport, check_value,
 };
@@ -42,7 +44,11 @@ impl fmt::Display for GpuCommCheckReport {
             KDType::U32 => "u32",
         };
         // The shared Display names f32; say what ran instead.
-        let text = self.report.to_string().replacen(", f32", &format!(", {dt}, NCCL on device buffers"), 1);
+        let text = self.report.to_string().replacen(
+            ", f32",
+            &format!(", {dt}, NCCL on device buffers"),
+            1,
+        );
         f.write_str(&text)
     }
 }
@@ -124,7 +130,9 @@ fn check_one(
     let expected: Vec<f32> = match c {
         Collective::AllReduce => (0..count).map(|i| expected_sum(n, i)).collect(),
         Collective::AllGather => (0..count).map(|i| check_value(i / m, i)).collect(),
-        Collective::ReduceScatter => chunk_range(count, n, rank).map(|i| expected_sum(n, i)).collect(),
+        Collective::ReduceScatter => chunk_range(count, n, rank)
+            .map(|i| expected_sum(n, i))
+            .collect(),
     };
     let mut input = DeviceBuffer::alloc(ordinal, in_len, dtype).map_err(&err)?;
     input.upload_f32(&host_in).map_err(&err)?;
@@ -169,7 +177,8 @@ fn check_one(
 
     // Agree on the slowest rank's time and the total of wrong elements (one-element NCCL all-reduces).
     let mut t = DeviceBuffer::alloc(ordinal, 1, KDType::F32).map_err(&err)?;
-    t.upload_f32(&[(timed.as_secs_f64() / opts.iters as f64) as f32]).map_err(&err)?;
+    t.upload_f32(&[(timed.as_secs_f64() / opts.iters as f64) as f32])
+        .map_err(&err)?;
     comm.all_reduce_dev(&mut t, ReduceOp::Max).map_err(&err)?;
     let mut w = DeviceBuffer::alloc(ordinal, 1, KDType::F32).map_err(&err)?;
     w.upload_f32(&[wrong.min(1 << 24) as f32]).map_err(&err)?;
@@ -181,7 +190,11 @@ fn check_one(
     let avg_time = Duration::from_secs_f64(f64::from(t).max(0.0));
     let bytes = count * es;
     let secs = avg_time.as_secs_f64();
-    let algbw = if secs > 0.0 { bytes as f64 / secs / 1e9 } else { f64::INFINITY };
+    let algbw = if secs > 0.0 {
+        bytes as f64 / secs / 1e9
+    } else {
+        f64::INFINITY
+    };
     debug_assert_eq!(output.len(), out_len);
     Ok(CollectiveResult {
         collective: c,
@@ -212,7 +225,10 @@ mod tests {
             for i in 0..200 {
                 let s = expected_sum(n, i);
                 assert_eq!(half::bf16::from_f32(s).to_f32(), s, "n={n} i={i}");
-                assert_eq!(half::bf16::from_f32(check_value(n, i)).to_f32(), check_value(n, i));
+                assert_eq!(
+                    half::bf16::from_f32(check_value(n, i)).to_f32(),
+                    check_value(n, i)
+                );
             }
         }
     }

@@ -15,6 +15,6 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
-pub mod train;
 pub mod tensor_parallel;
+pub mod train;
 pub mod zero;

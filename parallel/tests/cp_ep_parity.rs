@@ -32,11 +32,13 @@ use qparallel::dims::{ParallelConfig, ParallelDims};
 use qparallel::expert_parallel::{ExpertGroups, ExpertLayout, ExpertRoute};
 use qparallel::model::attention::AttentionCore;
 use qparallel::model::{Batch, ModelConfig, NamedTensors, Qwen3Model};
-use qparallel::optim::{AdamW, AdamWConfig, ParamSlot, clip_grad_norm, decays};
+use qparallel::optim::{AdamW, AdamWConfig};
 use qparallel::zero::ZeroConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tp_support::{fixture_model, rel, rel_err, run_ranks};
+use tp_support::{
+    adamw_step, assert_params_close, clip, fixture_model, host_grads, rel, rel_err, run_ranks,
+};
 
 const LOSS_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
@@ -137,42 +139,12 @@ fn reference(full: &Qwen3Model, batches: &[Batch]) -> Run {
     let mut grads0 = Vec::new();
     for b in batches {
         let res = model.forward_backward(b).unwrap();
-        let mut grads: Vec<(String, Vec<f32>)> = res
-            .grads
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_vec_f32().unwrap()))
-            .collect();
+        let mut grads = host_grads(&res.grads);
         if grads0.is_empty() {
             grads0 = grads.clone();
         }
-        let norm = {
-            let mut views: Vec<&mut [f32]> =
-                grads.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
-            clip_grad_norm(&mut views, MAX_NORM)
-        };
-        let mut params: Vec<(String, Vec<usize>, Vec<f32>)> = model
-            .params
-            .named()
-            .into_iter()
-            .map(|(n, t)| (n, t.shape().to_vec(), t.to_vec_f32().unwrap()))
-            .collect();
-        let mut slots: Vec<ParamSlot<'_>> = params
-            .iter_mut()
-            .map(|(n, shape, p)| ParamSlot {
-                name: n.as_str(),
-                param: p.as_mut_slice(),
-                grad: grads.iter().find(|(gn, _)| gn == n).unwrap().1.as_slice(),
-                weight_decay: if decays(shape) { WD } else { 0.0 },
-            })
-            .collect();
-        opt.step(LR, &mut slots).unwrap();
-        drop(slots);
-        let mut k = 0;
-        model.params.visit_mut(&mut |_, t| {
-            let (_, shape, data) = &params[k];
-            *t = Tensor::from_f32(data.clone(), shape, &t.device()).unwrap();
-            k += 1;
-        });
+        let norm = clip(&mut grads, MAX_NORM);
+        adamw_step(&mut model, &mut opt, LR, WD, &grads);
         steps.push((res.loss, res.ce_loss, res.aux_loss, norm));
     }
     Run {
@@ -299,25 +271,11 @@ fn check(name: &str, full: &Qwen3Model, layouts: &[Layout], packed: bool) {
             worst.0,
             worst.1
         );
-        let mut worst = (0.0f64, String::new());
-        for (n, p) in &got.params {
-            let e = rel_err(
-                &p.to_vec_f32().unwrap(),
-                &want.params[n].to_vec_f32().unwrap(),
-            );
-            if e > worst.0 {
-                worst = (e, n.clone());
-            }
-        }
-        println!(
-            "{name} {layout}: final parameters, worst rel err {:.2e} ({})",
-            worst.0, worst.1
-        );
-        assert!(
-            worst.0 < GRAD_TOL,
-            "{name} {layout}: parameter {} rel err {:.2e}",
-            worst.1,
-            worst.0
+        assert_params_close(
+            &format!("{name} {layout}"),
+            &got.params,
+            &want.params,
+            GRAD_TOL,
         );
         let moved = rel_err(
             &got.params["model.norm.weight"].to_vec_f32().unwrap(),

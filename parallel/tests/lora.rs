@@ -6,7 +6,8 @@
 //! - PEFT parity against `tests/fixtures/lora` (made by PEFT itself with `make_lora_golden.py`), and — when python3
 //!   with torch, transformers and peft is available — PEFT loads the adapters we write and reproduces our logits.
 
-use std::ops::ControlFlow;
+mod train_support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,11 +20,11 @@ use qparallel::lora::{
 use qparallel::model::{Batch, Qwen3Model};
 use qparallel::optim::{AdamWConfig, LrSchedule, Warmup};
 use qparallel::train::{
-    ModelSource, NoProgress, OptimizerOptions, StepMetrics, TrainConfig, TrainObserver, Trainer,
-    run_training,
+    ModelSource, NoProgress, OptimizerOptions, TrainConfig, Trainer, run_training,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use train_support::{StopAfter, write_corpus};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -292,28 +293,6 @@ fn lora_trainer_learns_and_never_touches_the_base() {
     );
 }
 
-/// A learnable corpus: counting sequences (mod 64, offset 10) as `{"input_ids": …}` lines. Deterministic.
-fn write_corpus(dir: &Path, docs: usize) -> PathBuf {
-    let mut state = 0x9e37_79b9_u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let mut text = String::new();
-    for _ in 0..docs {
-        let (start, step, len) = (next() % 64, 1 + next() % 3, 20 + next() % 30);
-        let ids: Vec<String> = (0..len)
-            .map(|i| (10 + (start + i * step) % 64).to_string())
-            .collect();
-        text.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(", ")));
-    }
-    let path = dir.join("corpus.jsonl");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn lora_run(corpus: &Path, out: &Path, base: &Path, iters: u64) -> TrainConfig {
     let mut c = TrainConfig::new(
         ModelSource::Pretrained(base.to_path_buf()),
@@ -331,18 +310,6 @@ fn lora_run(corpus: &Path, out: &Path, base: &Path, iters: u64) -> TrainConfig {
     c.seed = 77;
     c.lora = Some(LoraConfig::new(4, 8.0));
     c
-}
-
-struct StopAfter(u64);
-
-impl TrainObserver for StopAfter {
-    fn on_step(&mut self, m: &StepMetrics) -> ControlFlow<()> {
-        if m.step == self.0 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    }
 }
 
 fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -366,7 +333,7 @@ fn lora_training_writes_peft_checkpoints_and_resumes_bitwise() {
     let tmp = tempfile::tempdir().unwrap();
     let base = fixture("dense_tied");
     let before = dir_bytes(&base);
-    let corpus = write_corpus(tmp.path(), 40);
+    let corpus = write_corpus(tmp.path(), 40, 0x9e37_79b9, 30);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
 
     let mut cfg = lora_run(&corpus, &a, &base, 4);
@@ -477,7 +444,7 @@ fn lora_training_writes_peft_checkpoints_and_resumes_bitwise() {
 #[test]
 fn lora_run_training_learns() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(tmp.path(), 80);
+    let corpus = write_corpus(tmp.path(), 80, 0x9e37_79b9, 30);
     let mut cfg = lora_run(&corpus, &tmp.path().join("out"), &fixture("dense_tied"), 30);
     cfg.lora = Some(LoraConfig::new(8, 16.0));
     let summary = run_training(&cfg, &mut NoProgress).unwrap();
@@ -590,7 +557,7 @@ fn peft_loads_our_adapters() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let base = fixture("dense_tied");
-    let corpus = write_corpus(tmp.path(), 20);
+    let corpus = write_corpus(tmp.path(), 20, 0x9e37_79b9, 30);
     let out = tmp.path().join("out");
     let mut cfg = lora_run(&corpus, &out, &base, 3);
     cfg.lora = Some(LoraConfig::new(4, 16.0));

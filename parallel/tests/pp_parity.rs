@@ -14,10 +14,10 @@
 
 mod tp_support;
 
-use qkernels::{Device, Tensor};
+use qkernels::Device;
 use qparallel::dims::{ParallelConfig, ParallelDims};
 use qparallel::model::{Batch, ModelConfig, NamedTensors, Qwen3Model};
-use qparallel::optim::{AdamW, AdamWConfig, ParamSlot, clip_grad_norm, decays};
+use qparallel::optim::{AdamW, AdamWConfig};
 use qparallel::pipeline::{
     Action, PipelineError, PipelineGroups, PipelineModel, global_micro_batch, micro_batches,
     schedule,
@@ -26,7 +26,10 @@ use qparallel::tensor_parallel::mappings;
 use qparallel::zero::ZeroConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tp_support::{fixture_model, rel, rel_err, run_ranks};
+use tp_support::{
+    adamw_step, assert_bit_identical, assert_params_close, clip, fixture_model, rel, rel_err,
+    run_ranks,
+};
 
 const STEPS: usize = 3;
 const LR: f64 = 1e-2;
@@ -197,34 +200,8 @@ fn reference(full: &Qwen3Model) -> (Vec<RefStep>, NamedTensors) {
         let global = global_batch(model.config.vocab_size, 100 + step as u64);
         let (loss, grads) = reference_grads(&model, &global);
         let mut clipped = grads.clone();
-        let grad_norm = {
-            let mut views: Vec<&mut [f32]> =
-                clipped.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
-            clip_grad_norm(&mut views, MAX_NORM)
-        };
-        let mut params: Vec<(String, Vec<usize>, Vec<f32>)> = model
-            .params
-            .named()
-            .into_iter()
-            .map(|(n, t)| (n, t.shape().to_vec(), t.to_vec_f32().unwrap()))
-            .collect();
-        let mut slots: Vec<ParamSlot<'_>> = params
-            .iter_mut()
-            .map(|(n, shape, p)| ParamSlot {
-                name: n.as_str(),
-                param: p.as_mut_slice(),
-                grad: clipped.iter().find(|(gn, _)| gn == n).unwrap().1.as_slice(),
-                weight_decay: if decays(shape) { WD } else { 0.0 },
-            })
-            .collect();
-        opt.step(LR, &mut slots).unwrap();
-        drop(slots);
-        let mut k = 0;
-        model.params.visit_mut(&mut |_, t| {
-            let (_, shape, data) = &params[k];
-            *t = Tensor::from_f32(data.clone(), shape, &t.device()).unwrap();
-            k += 1;
-        });
+        let grad_norm = clip(&mut clipped, MAX_NORM);
+        adamw_step(&mut model, &mut opt, LR, WD, &clipped);
         out.push(RefStep {
             loss,
             grad_norm,
@@ -346,26 +323,7 @@ fn check(name: &str, full: &Qwen3Model, layouts: &[Layout]) {
                 worst.1
             );
         }
-        let mut worst = (0.0f64, String::new());
-        for (n, p) in &params {
-            let e = rel_err(
-                &p.to_vec_f32().unwrap(),
-                &want_params[n].to_vec_f32().unwrap(),
-            );
-            if e > worst.0 {
-                worst = (e, n.clone());
-            }
-        }
-        println!(
-            "{name} {layout}: final parameters, worst rel err {:.2e} ({})",
-            worst.0, worst.1
-        );
-        assert!(
-            worst.0 < GRAD_TOL,
-            "{name} {layout}: parameter {} rel err {:.2e}",
-            worst.1,
-            worst.0
-        );
+        assert_params_close(&format!("{name} {layout}"), &params, &want_params, GRAD_TOL);
         let moved = rel_err(
             &params["model.norm.weight"].to_vec_f32().unwrap(),
             &full.params.norm.to_vec_f32().unwrap(),
@@ -447,14 +405,11 @@ fn pp_gradient_checkpointing_is_bit_identical() {
         let keep = model.forward_backward(&mbs).unwrap();
         let model = model.with_gradient_checkpointing(true);
         let recompute = model.forward_backward(&mbs).unwrap();
-        assert_eq!(keep.loss.to_bits(), recompute.loss.to_bits());
-        for (name, g) in &keep.grads {
-            assert_eq!(
-                g.to_vec_f32().unwrap(),
-                recompute.grads[name].to_vec_f32().unwrap(),
-                "rank {rank}: {name}"
-            );
-        }
+        assert_bit_identical(
+            rank,
+            (keep.loss, &keep.grads),
+            (recompute.loss, &recompute.grads),
+        );
     });
 }
 

@@ -13,7 +13,7 @@ use qparallel::model::Qwen3Model;
 use qparallel::tensor_parallel::{
     ParallelGroups, TpModel, mappings, shard_for_rank, split_batch_rows, unshard,
 };
-use tp_support::{Layout, batch, fixture_model, rel, rel_err, run_ranks};
+use tp_support::{Layout, assert_bit_identical, batch, fixture_model, rel, rel_err, run_ranks};
 
 const LOSS_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
@@ -288,14 +288,11 @@ fn gradient_checkpointing_is_bit_identical() {
         let keep = model.forward_backward(&local).unwrap();
         let model = model.with_gradient_checkpointing(true);
         let recompute = model.forward_backward(&local).unwrap();
-        assert_eq!(keep.loss.to_bits(), recompute.loss.to_bits());
-        for (name, g) in &keep.grads {
-            assert_eq!(
-                g.to_vec_f32().unwrap(),
-                recompute.grads[name].to_vec_f32().unwrap(),
-                "rank {rank}: {name}"
-            );
-        }
+        assert_bit_identical(
+            rank,
+            (keep.loss, &keep.grads),
+            (recompute.loss, &recompute.grads),
+        );
     });
 }
 

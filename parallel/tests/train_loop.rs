@@ -1,7 +1,8 @@
 //! The training loop end to end on the CPU backend with the tiny Qwen3 config (`configs/models/qwen3-tiny.json`):
 //! learning, checkpoint/resume equivalence, gradient accumulation, metrics and checkpoint layout.
 
-use std::ops::ControlFlow;
+mod train_support;
+
 use std::path::{Path, PathBuf};
 
 use qkernels::Device;
@@ -10,37 +11,13 @@ use qparallel::hf;
 use qparallel::model::{Batch, Qwen3Model};
 use qparallel::optim::{AdamWConfig, DecayStyle, LrSchedule, Warmup};
 use qparallel::train::{
-    METRICS_FILE, ModelSource, NoProgress, OptimizerOptions, Resume, StepMetrics, TrainConfig,
-    TrainObserver, Trainer, TrainerState, run_training,
+    ModelSource, NoProgress, OptimizerOptions, Resume, TrainConfig, Trainer, TrainerState,
+    run_training,
 };
+use train_support::{StopAfter, read_metrics, write_corpus};
 
 fn tiny_config() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/models/qwen3-tiny.json")
-}
-
-/// A learnable corpus: documents that count up from a random start by a step of 1, 2 or 3 (mod 64, offset 10),
-/// as `{"input_ids": …}` lines. Deterministic.
-fn write_corpus(dir: &Path, docs: usize) -> PathBuf {
-    let mut state = 0x1234_5678_u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let mut text = String::new();
-    for _ in 0..docs {
-        let start = next() % 64;
-        let step = 1 + next() % 3;
-        let len = 20 + next() % 40;
-        let ids: Vec<String> = (0..len)
-            .map(|i| (10 + (start + i * step) % 64).to_string())
-            .collect();
-        text.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(", ")));
-    }
-    let path = dir.join("corpus.jsonl");
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 fn config(corpus: &Path, out: &Path, train_iters: u64) -> TrainConfig {
@@ -63,18 +40,10 @@ fn config(corpus: &Path, out: &Path, train_iters: u64) -> TrainConfig {
     c
 }
 
-fn read_metrics(out: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(out.join(METRICS_FILE))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn tiny_model_learns_and_writes_metrics_and_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(tmp.path(), 200);
+    let corpus = write_corpus(tmp.path(), 200, 0x1234_5678, 40);
     let out = tmp.path().join("out");
     let mut cfg = config(&corpus, &out, 30);
     cfg.save_steps = 15;
@@ -151,24 +120,11 @@ fn tiny_model_learns_and_writes_metrics_and_checkpoints() {
     assert!(e.contains("resume") && e.contains("checkpoint-30"), "{e}");
 }
 
-/// Stops the run after a given step.
-struct StopAfter(u64);
-
-impl TrainObserver for StopAfter {
-    fn on_step(&mut self, m: &StepMetrics) -> ControlFlow<()> {
-        if m.step == self.0 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    }
-}
-
 #[test]
 fn resume_reproduces_the_uninterrupted_run_bitwise() {
     let tmp = tempfile::tempdir().unwrap();
     // 30 documents ≈ 30 sequences of 32 → several epochs in 10 steps of 4, so the cursor crosses epochs.
-    let corpus = write_corpus(tmp.path(), 30);
+    let corpus = write_corpus(tmp.path(), 30, 0x1234_5678, 40);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let mut cfg = config(&corpus, &a, 10);
     cfg.save_steps = 4;
@@ -214,7 +170,7 @@ fn resume_reproduces_the_uninterrupted_run_bitwise() {
 #[test]
 fn gradient_accumulation_equals_one_big_micro_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(tmp.path(), 60);
+    let corpus = write_corpus(tmp.path(), 60, 0x1234_5678, 40);
     let mut one = config(&corpus, &tmp.path().join("one"), 4);
     one.micro_batch_size = 4;
     one.grad_accum = 1;
@@ -265,7 +221,7 @@ fn gradient_accumulation_equals_one_big_micro_batch() {
 #[test]
 fn accumulated_gradient_equals_the_big_batch_gradient() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(tmp.path(), 40);
+    let corpus = write_corpus(tmp.path(), 40, 0x1234_5678, 40);
     let ds = PretrainDataset::load(
         &[corpus],
         &LoadOptions {

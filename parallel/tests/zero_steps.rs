@@ -11,7 +11,10 @@ use qparallel::model::{NamedTensors, Qwen3Model};
 use qparallel::optim::{AdamW, AdamWConfig, ParamSlot, clip_grad_norm, decays};
 use qparallel::tensor_parallel::{ParallelGroups, TpModel, split_batch_rows};
 use qparallel::zero::{DistributedOptimizer, ZeroConfig};
-use tp_support::{Layout, batch, fixture_model, rel, rel_err, run_ranks};
+use tp_support::{
+    Layout, adamw_step, assert_params_close, batch, clip, fixture_model, host_grads, rel, rel_err,
+    run_ranks,
+};
 
 const STEPS: usize = 3;
 const LR: f64 = 1e-2;
@@ -34,42 +37,9 @@ fn reference(full: &Qwen3Model) -> (Vec<(f64, f64)>, NamedTensors) {
     for step in 0..STEPS {
         let b = batch(model.config.vocab_size, 100 + step as u64);
         let res = model.forward_backward(&b).unwrap();
-        let mut grads: Vec<(String, Vec<f32>)> = res
-            .grads
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_vec_f32().unwrap()))
-            .collect();
-        let norm = {
-            let mut views: Vec<&mut [f32]> =
-                grads.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
-            clip_grad_norm(&mut views, MAX_NORM)
-        };
-        let mut params: Vec<(String, Vec<usize>, Vec<f32>)> = model
-            .params
-            .named()
-            .into_iter()
-            .map(|(n, t)| (n, t.shape().to_vec(), t.to_vec_f32().unwrap()))
-            .collect();
-        let mut slots: Vec<ParamSlot<'_>> = params
-            .iter_mut()
-            .map(|(n, shape, p)| {
-                let g = &grads.iter().find(|(gn, _)| gn == n).unwrap().1;
-                ParamSlot {
-                    name: n.as_str(),
-                    param: p.as_mut_slice(),
-                    grad: g.as_slice(),
-                    weight_decay: if decays(shape) { WD } else { 0.0 },
-                }
-            })
-            .collect();
-        opt.step(LR, &mut slots).unwrap();
-        drop(slots);
-        let mut k = 0;
-        model.params.visit_mut(&mut |_, t| {
-            let (_, shape, data) = &params[k];
-            *t = qkernels::Tensor::from_f32(data.clone(), shape, &t.device()).unwrap();
-            k += 1;
-        });
+        let mut grads = host_grads(&res.grads);
+        let norm = clip(&mut grads, MAX_NORM);
+        adamw_step(&mut model, &mut opt, LR, WD, &grads);
         out.push((res.loss, norm));
     }
     (out, model.params.to_named())
@@ -126,26 +96,7 @@ fn check(fixture: &str, layouts: &[Layout]) {
                 "{fixture} {layout} step {step}: norm {n} vs {wn}"
             );
         }
-        let mut worst = (0.0f64, String::new());
-        for (name, p) in &params {
-            let e = rel_err(
-                &p.to_vec_f32().unwrap(),
-                &want_params[name].to_vec_f32().unwrap(),
-            );
-            if e > worst.0 {
-                worst = (e, name.clone());
-            }
-        }
-        println!(
-            "{fixture} {layout}: final parameters, worst rel err {:.2e} ({})",
-            worst.0, worst.1
-        );
-        assert!(
-            worst.0 < 1e-4,
-            "{fixture} {layout}: parameter {} rel err {:.2e}",
-            worst.1,
-            worst.0
-        );
+        assert_params_close(&format!("{fixture} {layout}"), &params, &want_params, 1e-4);
         // Training moved the parameters (the test would be vacuous otherwise).
         let moved = rel_err(
             &params["model.norm.weight"].to_vec_f32().unwrap(),

@@ -14,6 +14,9 @@
 //! explicitly. Adapters are merged into the base weights at load time. Tokenizer and chat template come from
 //! the adapter dir when it has a `tokenizer.json` (ms-swift saves them with each checkpoint), else the base.
 //!
+//! Weights: `--quantization int8|int4|int4:G` stores the linear layers quantized (`qserve::engine::quant`):
+//! quantized layer by layer while loading, or after the LoRA merge when there are adapters.
+//!
 //! Sampling: `--temperature` defaults to 0 (greedy); `--top-p`, `--top-k` and `--repetition-penalty` default to
 //! the model's `generation_config.json`, else off. `--max-new-tokens` is capped by what is left of the model's
 //! context after the prompt. With `--seed`, every row of a batch uses that seed, so a batch row samples exactly
@@ -93,6 +96,12 @@ pub struct InferArgs {
     /// Batch mode: most rows generating at once (the engine's running batch).
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
+    /// Weight-only quantization of the linear layers: `none` (f32), `int8` (one scale per output channel),
+    /// `int4` (asymmetric, a scale and offset per 128 inputs; `int4:G` for groups of G). Embedding and norms
+    /// stay f32, an untied lm_head is int8; weights are quantized layer by layer as they load
+    /// (after merging, with --adapters).
+    #[arg(long, default_value = "none")]
+    pub quantization: qserve::engine::Quantization,
 }
 
 /// Runs `qctl infer`.
@@ -108,7 +117,10 @@ pub fn infer(args: InferArgs, output: Output) -> anyhow::Result<()> {
         bail!("--max-batch-size must be at least 1");
     }
     let source = ModelSource::resolve(&args.model, args.adapters.as_deref())?;
-    let mut engine = EngineConfig::default();
+    let mut engine = EngineConfig {
+        quantization: args.quantization,
+        ..EngineConfig::default()
+    };
     if args.val_dataset.is_some() {
         engine.max_running = args.max_batch_size;
     }
@@ -201,7 +213,7 @@ impl ModelSource {
             );
         }
         let model = match &self.adapters {
-            None => InferenceModel::from_hf_dir(&self.base, device)
+            None => InferenceModel::load(&self.base, device, engine.quantization)
                 .with_context(|| format!("loading the model in {}", self.base.display()))?,
             Some(adapters) => {
                 let config = ModelConfig::from_file(self.base.join("config.json"))?;

@@ -5,6 +5,11 @@
 //! maps its training keys onto [`qparallel::train::TrainConfig`] and runs [`qparallel::train::run_training`]
 //! with a progress bar on a terminal (plain log lines otherwise). Relative paths in the spec are relative to the
 //! current directory, as in ms-swift.
+//!
+//! `train --local --nproc N` (N > 1) runs the job as N rank processes on this machine, as `qctl launch` does on
+//! one node (the same launcher: a TCP store on a free port, `qctl rank` children, their output relayed here), with
+//! the spec's relative paths made absolute first (the ranks run in their own directories). The spec's world size
+//! must be N. It exits with the job's result: 0 when every rank succeeded.
 
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
@@ -22,9 +27,12 @@ use qparallel::train::{RunInfo, StepMetrics, TrainObserver, run_training, write_
 pub struct TrainArgs {
     /// The job spec (kind: pretrain).
     pub job: PathBuf,
-    /// Run in this process instead of submitting to a coordinator.
+    /// Run on this machine instead of submitting to a coordinator.
     #[arg(long)]
     pub local: bool,
+    /// Rank processes to start (must equal the spec's world size); 1 trains in this process.
+    #[arg(long, default_value_t = 1)]
+    pub nproc: u32,
 }
 
 /// `qctl logits --model DIR --tokens FILE.json`
@@ -35,8 +43,12 @@ pub struct LogitsArgs {
     /// A JSON list of lists of token ids.
     #[arg(long)]
     pub tokens: PathBuf,
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weights and activations on the device: `f32` or `bf16` (CUDA only; compute accumulates in f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Where to write the logits (safetensors).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -117,12 +129,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             spec.kind
         );
     }
-    if spec.world_size() != 1 {
+    if spec.world_size() != args.nproc {
         bail!(
-            "{}: key `resources`: --local runs one process, the spec asks for {} ranks",
+            "{}: key `resources`: the spec asks for {} ranks, --nproc starts {}; they must be equal",
             args.job.display(),
-            spec.world_size()
+            spec.world_size(),
+            args.nproc
         );
+    }
+    if args.nproc > 1 {
+        return train_ranks(&args, spec);
     }
     let cfg = qworker::training::train_config(&spec)?;
     let mut progress = Progress {
@@ -149,6 +165,58 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         println!("last checkpoint: {}", dir.display());
     }
     Ok(())
+}
+
+/// `train --local --nproc N`: N rank processes through the launcher (see the module docs); exits with their result.
+fn train_ranks(args: &TrainArgs, mut spec: JobSpec) -> anyhow::Result<()> {
+    let source = args.job.display().to_string();
+    spec.check_runnable(&source)?;
+    spec.resolve_relative_paths(&std::env::current_dir()?);
+    qworker::training::train_config(&spec)?; // the training keys map, before any process starts
+    let run_dir =
+        std::env::temp_dir().join(format!("qctl-train-{}-{}", spec.name, std::process::id()));
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let spec_path = run_dir.join("job.yaml");
+    std::fs::write(&spec_path, spec.to_yaml())
+        .with_context(|| format!("cannot write {}", spec_path.display()))?;
+    let env = qworker::launcher::LaunchEnv {
+        nnodes: 1,
+        node_rank: 0,
+        nproc_per_node: args.nproc,
+        master_addr: "127.0.0.1".into(),
+        master_port: 0,
+    };
+    let exe = std::env::current_exe()?.display().to_string();
+    eprintln!(
+        "{}: {} rank processes (run directory {})",
+        spec.name,
+        args.nproc,
+        run_dir.display()
+    );
+    let code =
+        qworker::launcher::launch(&spec_path, &env, vec![exe, "rank".into()], run_dir.clone())?;
+    if code != 0 {
+        bail!(
+            "training {} failed: a rank exited with an error (its output is above; run files in {})",
+            spec.name,
+            run_dir.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Ok(())
+}
+
+/// `cpu`, `cuda` or `cuda:N` (a GPU that cannot be opened is an error when first used, naming the reason).
+fn parse_device(s: &str) -> anyhow::Result<qkernels::Device> {
+    match s {
+        "cpu" => Ok(qkernels::Device::Cpu),
+        "cuda" => Ok(qkernels::Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(i) => Ok(qkernels::Device::Cuda(i)),
+            None => bail!("--device {s}: use cpu, cuda or cuda:N"),
+        },
+    }
 }
 
 /// Reads a JSON list of equally long lists of token ids: `(flat ids, rows, columns)`.
@@ -179,12 +247,24 @@ fn read_tokens(path: &Path) -> anyhow::Result<(Vec<u32>, usize, usize)> {
 }
 
 pub fn logits(args: LogitsArgs) -> anyhow::Result<()> {
-    let device = match args.device.as_str() {
-        "cpu" => qkernels::Device::Cpu,
-        other => bail!("--device {other}: only `cpu` is available in this build"),
-    };
-    let model = Qwen3Model::from_hf_dir(&args.model, device)
+    let device = parse_device(&args.device)?;
+    let mut model = Qwen3Model::from_hf_dir(&args.model, device)
         .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
+    match (args.dtype.as_str(), device) {
+        ("f32", _) => {}
+        ("bf16", qkernels::Device::Cuda(_)) => {
+            let mut failed = None;
+            model.params.visit_mut(&mut |_, t| match t.to_dtype(qkernels::DType::BF16) {
+                Ok(b) => *t = b,
+                Err(e) => failed = Some(e),
+            });
+            if let Some(e) = failed {
+                return Err(e).context("casting the weights to bf16");
+            }
+        }
+        ("bf16", _) => bail!("--dtype bf16 needs --device cuda (the CPU engine is the f32 reference)"),
+        (other, _) => bail!("--dtype {other}: use f32 or bf16"),
+    }
     let (ids, b, s) = read_tokens(&args.tokens)?;
     let batch = Batch::causal_lm(ids, b, s)?;
     let logits = model

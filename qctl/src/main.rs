@@ -16,12 +16,14 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "qctl", version, about = "qcluster command line")]
 struct Cli {
-    /// Coordinator URL.
+    /// Coordinator URL, or several separated by commas (HA coordinators: qctl finds the leader).
     #[arg(long, global = true, env = "QCTL_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     coordinator: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "text")]
     output: Output,
+    #[command(flatten)]
+    security: qcluster_cli::ClientSecurityArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -108,6 +110,11 @@ struct ServeArgs {
     /// Return Qwen3's think block as `reasoning_content` (like vLLM's --reasoning-parser qwen3).
     #[arg(long)]
     reasoning_parser: bool,
+    /// Weight-only quantization of the linear layers: `none` (f32), `int8` (one scale per output channel),
+    /// `int4` (asymmetric, a scale and offset per 128 inputs; `int4:G` for groups of G). Embedding and norms
+    /// stay f32, an untied lm_head is int8; weights are quantized layer by layer as they load.
+    #[arg(long, default_value = "none")]
+    quantization: qserve::engine::Quantization,
 }
 
 #[derive(clap::Args)]
@@ -151,6 +158,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let out = cli.output;
+        let security = cli.security.load()?;
         match cli.command {
             Command::Up(args) => return up(args, out).await,
             Command::Serve(args) => return serve(args).await,
@@ -159,9 +167,9 @@ fn main() -> anyhow::Result<()> {
         // `nodes --wait-alive` may be started before the coordinator (launch scripts): keep trying.
         let mut client = match &cli.command {
             Command::Nodes { wait_alive: Some(_), timeout } => {
-                remote::connect_retrying(&cli.coordinator, Duration::from_secs_f64(*timeout)).await?
+                remote::connect_retrying(&cli.coordinator, &security, Duration::from_secs_f64(*timeout)).await?
             }
-            _ => remote::connect(&cli.coordinator).await?,
+            _ => remote::connect(&cli.coordinator, &security).await?,
         };
         match cli.command {
             Command::Submit { job, follow: false } => remote::submit(&mut client, &job, out).await.map(|_| ()),
@@ -201,8 +209,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.api_key = args.api_key;
     config.served_model_name = args.served_model_name;
     config.reasoning_parser = args.reasoning_parser;
+    config.engine.quantization = args.quantization;
     let handle = qserve::serve(config).await?;
     eprintln!("serving {} on http://{} (OpenAI API under /v1)", handle.model_name(), handle.local_addr());
+    let w = handle.weight_stats();
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "weights: {:.2} MiB as {} ({:.2} MiB in f32; {} of {} parameters quantized)",
+        mib(w.bytes),
+        w.quantization,
+        mib(w.f32_bytes),
+        w.quantized_params,
+        w.params
+    );
     tokio::signal::ctrl_c().await?;
     handle.shutdown().await?;
     Ok(())
@@ -251,14 +270,14 @@ async fn up(args: UpArgs, out: Output) -> anyhow::Result<()> {
 
 /// Waits for the local worker, then runs one job to its end.
 async fn run_one(url: &str, job: &std::path::Path, out: Output) -> anyhow::Result<()> {
-    let mut client = remote::connect(url).await?;
+    let mut client = remote::connect(url, &Default::default()).await?;
     remote::wait_alive(&mut client, 1, Duration::from_secs(30)).await?;
     follow_job(&mut client, job, out).await
 }
 
 /// Submits a job, follows its logs to the end, prints its status, and fails unless it succeeded.
 async fn follow_job(
-    client: &mut qcluster_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    client: &mut remote::Client,
     job: &std::path::Path,
     out: Output,
 ) -> anyhow::Result<()> {

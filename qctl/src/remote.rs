@@ -8,7 +8,11 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use tonic::transport::Channel;
+use qcluster_proto::client::{AuthChannel, ClientSecurity};
+use qcluster_proto::leader::{Endpoints, is_follower_answer};
+
+/// A coordinator client (TLS and token as configured).
+pub type Client = CoordinatorClient<AuthChannel>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -16,17 +20,62 @@ pub enum Output {
     Json,
 }
 
-pub async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    CoordinatorClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url} (is qcoord or `qctl up` running? set --coordinator or QCTL_COORDINATOR)"))
+/// A client of the coordinator at `urls`, with TLS and the bearer token as `security` says.
+///
+/// `urls` may list several coordinators (`http://a:7070,http://b:7070`: HA on etcd). Each is asked a cheap
+/// call (list nodes) until one answers as the leader; a follower's answer names the leader, which is tried
+/// next ([`qcluster_proto::leader`]). While only followers answer (an election is under way) it keeps trying
+/// for up to [`ELECTION_WAIT`].
+pub async fn connect(urls: &str, security: &ClientSecurity) -> anyhow::Result<Client> {
+    let mut endpoints = Endpoints::parse(urls).context("--coordinator")?;
+    let deadline = std::time::Instant::now() + ELECTION_WAIT;
+    let (mut tried, mut saw_follower) = (0usize, false);
+    loop {
+        let url = endpoints.current().to_string();
+        let failure = match connect_one(&url, security).await {
+            Ok(mut client) => match client.list_nodes(pb::ListNodesRequest {}).await {
+                Ok(_) => return Ok(client),
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    saw_follower |= is_follower_answer(&s);
+                    let e = anyhow::anyhow!("{url}: {}", s.message());
+                    endpoints.failed(Some(&s));
+                    e
+                }
+                // Any other refusal (a bad token…) is the command's to report.
+                Err(_) => return Ok(client),
+            },
+            Err(e) => {
+                endpoints.failed(None);
+                e
+            }
+        };
+        tried += 1;
+        if tried % endpoints.urls().len() == 0 {
+            if !saw_follower || std::time::Instant::now() >= deadline {
+                return Err(failure.context(if saw_follower {
+                    format!("no leader among the coordinators {urls} after {ELECTION_WAIT:?}")
+                } else {
+                    format!("cannot reach the coordinator at {urls} (is qcoord or `qctl up` running? set --coordinator or QCTL_COORDINATOR)")
+                }));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// How long [`connect`] waits for a leader while only followers answer.
+pub const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn connect_one(url: &str, security: &ClientSecurity) -> anyhow::Result<Client> {
+    let channel = security.connect(url).await?;
+    Ok(CoordinatorClient::new(channel))
 }
 
 /// [`connect`], retried until `timeout` passes.
-pub async fn connect_retrying(url: &str, timeout: std::time::Duration) -> anyhow::Result<CoordinatorClient<Channel>> {
+pub async fn connect_retrying(url: &str, security: &ClientSecurity, timeout: std::time::Duration) -> anyhow::Result<Client> {
     let start = std::time::Instant::now();
     loop {
-        match connect(url).await {
+        match connect(url, security).await {
             Ok(c) => return Ok(c),
             Err(e) if start.elapsed() >= timeout => return Err(e),
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
@@ -39,7 +88,7 @@ pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", s.message())
 }
 
-pub async fn submit(client: &mut CoordinatorClient<Channel>, path: &Path, out: Output) -> anyhow::Result<String> {
+pub async fn submit(client: &mut Client, path: &Path, out: Output) -> anyhow::Result<String> {
     let yaml = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     // Validate locally first so errors name the file and line; then send the spec with its relative
     // paths made absolute (the ranks do not run in this directory).
@@ -117,7 +166,7 @@ pub fn print_status(j: &pb::JobStatus) {
     }
 }
 
-pub async fn status(client: &mut CoordinatorClient<Channel>, id: &str, out: Output) -> anyhow::Result<pb::JobStatus> {
+pub async fn status(client: &mut Client, id: &str, out: Output) -> anyhow::Result<pb::JobStatus> {
     let j = client.get_job(pb::GetJobRequest { job_id: id.into() }).await.map_err(|s| status_error("status", s))?.into_inner();
     match out {
         Output::Text => print_status(&j),
@@ -126,7 +175,7 @@ pub async fn status(client: &mut CoordinatorClient<Channel>, id: &str, out: Outp
     Ok(j)
 }
 
-pub async fn list(client: &mut CoordinatorClient<Channel>, states: Vec<String>, out: Output) -> anyhow::Result<()> {
+pub async fn list(client: &mut Client, states: Vec<String>, out: Output) -> anyhow::Result<()> {
     let jobs = client.list_jobs(pb::ListJobsRequest { states }).await.map_err(|s| status_error("list", s))?.into_inner().jobs;
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?),
@@ -140,7 +189,7 @@ pub async fn list(client: &mut CoordinatorClient<Channel>, states: Vec<String>, 
     Ok(())
 }
 
-pub async fn cancel(client: &mut CoordinatorClient<Channel>, id: &str, out: Output) -> anyhow::Result<()> {
+pub async fn cancel(client: &mut Client, id: &str, out: Output) -> anyhow::Result<()> {
     let state = client.cancel_job(pb::CancelJobRequest { job_id: id.into() }).await.map_err(|s| status_error("cancel", s))?.into_inner().state;
     match out {
         Output::Text => println!("{id}: {state}"),
@@ -149,7 +198,7 @@ pub async fn cancel(client: &mut CoordinatorClient<Channel>, id: &str, out: Outp
     Ok(())
 }
 
-pub async fn nodes(client: &mut CoordinatorClient<Channel>, out: Output) -> anyhow::Result<()> {
+pub async fn nodes(client: &mut Client, out: Output) -> anyhow::Result<()> {
     let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(|s| status_error("nodes", s))?.into_inner().nodes;
     match out {
         Output::Json => {
@@ -181,7 +230,7 @@ pub async fn nodes(client: &mut CoordinatorClient<Channel>, out: Output) -> anyh
 }
 
 /// Waits until at least `n` nodes are alive.
-pub async fn wait_alive(client: &mut CoordinatorClient<Channel>, n: usize, timeout: std::time::Duration) -> anyhow::Result<()> {
+pub async fn wait_alive(client: &mut Client, n: usize, timeout: std::time::Duration) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     loop {
         let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(|s| status_error("nodes", s))?.into_inner().nodes;
@@ -197,7 +246,7 @@ pub async fn wait_alive(client: &mut CoordinatorClient<Channel>, n: usize, timeo
 /// Streams a job's logs. Without `--rank`, lines are prefixed with `[rN]` (and the attempt when the
 /// job had several); partial lines wait for their end so ranks never interleave within a line.
 pub async fn logs(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     id: &str,
     follow: bool,
     rank: Option<u32>,

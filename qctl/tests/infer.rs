@@ -118,6 +118,38 @@ fn a_greedy_prompt_is_reproducible_and_equals_the_engine() {
 }
 
 #[test]
+fn quantized_inference_equals_the_quantized_engine() {
+    for mode in ["int8", "int4", "int4:32"] {
+        let (got, _) = ok(
+            &mut infer(&[
+                "--prompt",
+                "Hello there",
+                "--max-new-tokens",
+                "16",
+                "--quantization",
+                mode,
+            ]),
+            "",
+        );
+        let config = EngineConfig {
+            quantization: mode.parse().unwrap(),
+            ..EngineConfig::default()
+        };
+        let chat = ChatEngine::load(&model_dir(), Device::Cpu, config).unwrap();
+        assert_eq!(chat.engine().weight_stats().quantization.to_string(), mode);
+        let (_, want) = greedy(&chat, &[user("Hello there")], 16);
+        assert_eq!(got, format!("{}\n", want.text), "--quantization {mode}");
+        chat.shutdown();
+    }
+    let (success, _, stderr) = run(
+        &mut infer(&["--prompt", "hi", "--quantization", "int3"]),
+        "",
+    );
+    assert!(!success);
+    assert!(stderr.contains("unknown quantization `int3`"), "{stderr}");
+}
+
+#[test]
 fn max_new_tokens_caps_the_answer() {
     let (out, _) = ok(
         &mut infer(&["--prompt", "Count to ten", "--max-new-tokens", "5"]).args(["-o", "json"]),

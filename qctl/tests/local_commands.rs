@@ -106,6 +106,17 @@ fn logits_reproduce_the_transformers_golden_values() {
         "tpu",
     ]));
     assert!(!ok && stderr.contains("--device tpu"), "{stderr}");
+    std::fs::write(&tokens, "[[1, 2, 3], [4, 5, 6]]").unwrap();
+    let base = ["logits", "--model", fixture.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()];
+    let (ok, _, stderr) = run(qctl().args(base).args(["--dtype", "bf16"]));
+    assert!(!ok && stderr.contains("--dtype bf16 needs --device cuda"), "{stderr}");
+    // `--device cuda` runs on a GPU, or says why there is none (this CI machine has no driver).
+    let (ok, stdout, stderr) = run(qctl().args(base).args(["--device", "cuda:0"]));
+    if ok {
+        assert!(stdout.contains("mean next-token loss"), "{stdout}");
+    } else {
+        assert!(stderr.contains("cuda:0 is not available"), "{stderr}");
+    }
 }
 
 fn write_job(dir: &Path, extra: &str) -> PathBuf {

@@ -345,12 +345,13 @@ impl std::fmt::Debug for ChatEngine {
 
 impl ChatEngine {
     /// Loads an HF model dir (`config.json`, safetensors, `tokenizer.json`, optional `tokenizer_config.json` /
-    /// `generation_config.json`) and starts its engine thread. Blocks while the weights load.
+    /// `generation_config.json`) and starts its engine thread. Blocks while the weights load; with
+    /// `config.quantization` set they are quantized layer by layer as they load ([`InferenceModel::load`]).
     pub fn load(dir: &Path, device: Device, config: EngineConfig) -> Result<Self, ChatError> {
         if device != Device::Cpu {
             return Err(ChatError::UnsupportedDevice(device));
         }
-        let model = InferenceModel::from_hf_dir(dir, device)?;
+        let model = InferenceModel::load(dir, device, config.quantization)?;
         let codec = TextCodec::from_dir(dir)?;
         ChatEngine::from_parts(model, codec, GenerationDefaults::from_dir(dir), config)
     }

@@ -4,6 +4,10 @@
 //! `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text). With an API key configured, the `/v1/*`
 //! routes require `Authorization: Bearer KEY`; `/health` and `/metrics` stay open.
 //!
+//! `/v1/models` reports, besides OpenAI's fields, `max_model_len`, the weights' `quantization` (`none`, `int8`,
+//! `int4`, `int4:G`) and their `weight_bytes` next to `f32_weight_bytes`; `/metrics` has the same as
+//! `qserve_model_weight_bytes`, `qserve_model_weight_f32_bytes` and `qserve_model_quantization_info`.
+//!
 //! Errors always come back as JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad
 //! requests (400 malformed / out of range / too long, 401 bad key, 404 unknown model or route) and 500 for engine
 //! failures; a connection is never dropped without an answer.
@@ -119,6 +123,11 @@ impl ServerHandle {
         &self.model
     }
 
+    /// Quantization mode and bytes of the served model's weights.
+    pub fn weight_stats(&self) -> crate::engine::WeightStats {
+        self.engine.weight_stats()
+    }
+
     /// Stops accepting, lets open responses finish, stops the engine.
     pub async fn shutdown(mut self) -> Result<(), ServeError> {
         if let Some(s) = self.stop.take() {
@@ -192,7 +201,18 @@ pub async fn serve(config: ServeConfig) -> Result<ServerHandle, ServeError> {
             })
             .await
     });
-    tracing::info!(%addr, model = %name, "serving");
+    let w = engine.weight_stats();
+    tracing::info!(
+        %addr,
+        model = %name,
+        quantization = %w.quantization,
+        weight_bytes = w.bytes,
+        f32_weight_bytes = w.f32_bytes,
+        "serving: weights take {:.1} MiB ({:.1} MiB in f32, {:.1}% of the parameters quantized)",
+        w.bytes as f64 / (1 << 20) as f64,
+        w.f32_bytes as f64 / (1 << 20) as f64,
+        100.0 * w.quantized_params as f64 / w.params.max(1) as f64,
+    );
     Ok(ServerHandle {
         addr,
         model: name,
@@ -570,6 +590,7 @@ async fn metrics(State(st): State<Shared>) -> impl IntoResponse {
 }
 
 async fn models(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let weights = st.chat.engine().weight_stats();
     let r = authorize(&st, &headers).map(|()| {
         axum::Json(json!({
             "object": "list",
@@ -579,6 +600,9 @@ async fn models(State(st): State<Shared>, headers: HeaderMap) -> Response {
                 "created": now_secs(),
                 "owned_by": "qcluster",
                 "max_model_len": st.chat.engine().limits().max_model_len,
+                "quantization": weights.quantization.to_string(),
+                "weight_bytes": weights.bytes,
+                "f32_weight_bytes": weights.f32_bytes,
             }]
         }))
         .into_response()

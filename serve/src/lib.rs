@@ -8,10 +8,12 @@
 //!   the HTTP server and `qctl infer`;
 //! - [`http`]: the OpenAI-compatible axum server ([`http::serve`]);
 //! - [`reasoning`]: the opt-in Qwen3 `<think>` parser (`reasoning_content`);
+//! - [`eval`]: token-level perplexity through the engine's forward (the quality cost of quantization);
 //! - [`metrics`]: counters, gauges and latency histograms behind `/metrics`.
 
 pub mod chat;
 pub mod engine;
+pub mod eval;
 pub mod http;
 pub mod metrics;
 pub mod reasoning;

@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::engine::WeightStats;
+
 /// Latency buckets in seconds.
 const BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -81,6 +83,12 @@ pub struct Metrics {
     pub kv_blocks_in_use: AtomicU64,
     /// KV pool size.
     pub kv_blocks_total: AtomicU64,
+    /// Bytes the model's weights take as held (quantized or not).
+    pub weight_bytes: AtomicU64,
+    /// Bytes the same weights take in f32.
+    pub weight_f32_bytes: AtomicU64,
+    /// The weights' quantization mode (`none`, `int8`, `int4`, `int4:G`), once a model is loaded.
+    pub quantization: Mutex<String>,
     /// Arrival → first generated token.
     pub ttft: Histogram,
     /// Mean time per output token after the first, one observation per finished sequence.
@@ -90,6 +98,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Records what the model's weights take.
+    pub fn set_weights(&self, w: &WeightStats) {
+        self.weight_bytes.store(w.bytes as u64, Ordering::Relaxed);
+        self.weight_f32_bytes
+            .store(w.f32_bytes as u64, Ordering::Relaxed);
+        *self.quantization.lock().unwrap_or_else(|e| e.into_inner()) = w.quantization.to_string();
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -164,12 +180,35 @@ impl Metrics {
                 "KV cache blocks in the pool.",
                 &self.kv_blocks_total,
             ),
+            (
+                "qserve_model_weight_bytes",
+                "Bytes of the model weights as held (quantized or f32).",
+                &self.weight_bytes,
+            ),
+            (
+                "qserve_model_weight_f32_bytes",
+                "Bytes the model weights would take in f32.",
+                &self.weight_f32_bytes,
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
                 g(v)
+            );
+        }
+        let quant = self
+            .quantization
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !quant.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP qserve_model_quantization_info Weight quantization of the served model.\n\
+                 # TYPE qserve_model_quantization_info gauge\n\
+                 qserve_model_quantization_info{{quantization=\"{quant}\"}} 1"
             );
         }
         self.ttft.render(

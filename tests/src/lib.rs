@@ -73,6 +73,7 @@ impl TestCluster {
         config.gpus = GpuSetting::Count(0);
         config.cpu_slots = cpu_slots;
         config.rank_command = vec![Self::rank_program()];
+        config.metrics_listen = Some("127.0.0.1:0".parse()?);
         self.workers.insert(name.to_string(), qworker::start(config)?);
         Ok(())
     }

@@ -37,6 +37,22 @@ async fn comm_check_succeeds_with_verified_collectives_and_logs() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
     }
+    // Each worker ran two of the ranks; its own /metrics says so.
+    for (name, w) in &c.workers {
+        let addr = w.metrics_addr.unwrap();
+        let m = tokio::task::spawn_blocking(move || qcluster_tests::http_get(addr, "/metrics")).await.unwrap().unwrap();
+        for line in [
+            format!("qworker_info{{node=\"{name}\"}} 1"),
+            "qworker_cpu_slots 2".into(),
+            "qworker_cpu_slots_in_use 0".into(),
+            "qworker_coordinator_connected 1".into(),
+            "qworker_rank_starts_total 2".into(),
+            "qworker_rank_exits_total{result=\"ok\"} 2".into(),
+            "qworker_rank_exits_total{result=\"failed\"} 0".into(),
+        ] {
+            assert!(m.lines().any(|l| l == line), "{name}: missing {line:?} in\n{m}");
+        }
+    }
     let logs = c.logs(&id).await.unwrap();
     assert!(logs.contains("rank 3/4 of job"), "{logs}");
     assert!(logs.contains("all_reduce"), "{logs}");
@@ -185,13 +201,15 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(h.state, "Pending");
     assert!(h.message.starts_with("unschedulable"), "{}", h.message);
 
-    // Valid YAML this build cannot run yet is refused at submit, naming the key.
+    // Valid YAML this build cannot run is refused at submit, naming the key: a layout no model trains with.
     let e = client
-        .submit_job(submit("name: x\nkind: pretrain\nresources: {ranks: 2}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 3\n"))
+        .submit_job(submit(
+            "name: x\nkind: pretrain\nresources: {ranks: 4}\nparallel: {tp: 2, cp: 2}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 3\n",
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("key `resources`"), "{}", e.message());
+    assert!(e.message().contains("key `parallel`"), "{}", e.message());
 
     let e = client.get_job(pb::GetJobRequest { job_id: "nope-1".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
@@ -281,4 +299,100 @@ train_iters: 12\nsave_steps: 6\nlogging_steps: 3\n",
     let logs = c.logs(&id).await.unwrap();
     assert!(logs.contains("step 12/12 loss"), "{logs}");
     c.shutdown().await;
+}
+
+/// A 4-rank CPU training job over two workers (tp 2 inside each node, dp 2 across them): rank 0 reports progress,
+/// checkpoints and results, and the losses are the single-rank run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_rank_pretrain_job_across_two_workers_trains_like_one_rank() {
+    let c = TestCluster::start(2, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tokens.jsonl");
+    write_token_corpus(&data);
+    let model_config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/models/qwen3-tiny.json");
+    let yaml = |name: &str, resources: &str, micro: u32| {
+        format!(
+            "name: {name}\nkind: pretrain\n{resources}init: random\nmodel_config: {model_config}\n\
+dataset: {}\noutput_dir: {}\nmax_length: 32\nmicro_batch_size: {micro}\nglobal_batch_size: 4\nlearning_rate: 3e-3\n\
+train_iters: 6\nsave_steps: 3\nlogging_steps: 1\n",
+            data.display(),
+            dir.path().join(name).display()
+        )
+    };
+    // The single-rank reference, in this process.
+    let one = qjobspec::JobSpec::parse(&yaml("one", "resources: {ranks: 1}\n", 4), "one.yaml").unwrap();
+    let cfg = qworker::training::train_config(&one).unwrap();
+    let want = tokio::task::spawn_blocking(move || qparallel::train::run_training(&cfg, &mut qparallel::train::NoProgress))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let id = c.submit(&yaml("four", "resources: {nodes: 2, ranks: 4}\nparallel: {tp: 2}\n", 2)).await.unwrap();
+    let s = c.wait_job(&id, T, |s| s.state == "Succeeded" || s.state == "Failed").await.unwrap();
+    assert_eq!(s.state, "Succeeded", "{s:#?}\n{}", c.logs(&id).await.unwrap());
+    let nodes: BTreeSet<_> = s.placement.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from(["n1", "n2"]));
+    let p = s.progress.unwrap();
+    assert_eq!((p.step, p.total_steps), (6, 6));
+    assert_eq!(s.results["final_step"], "6");
+    assert_eq!(s.results["ranks"], "4");
+    let out = dir.path().join("four");
+    assert_eq!(s.results["last_checkpoint"], out.join("checkpoint-6").display().to_string());
+    assert!(s.events.iter().any(|e| e.text.contains("checkpoint step 3 committed")), "{:#?}", s.events);
+    for f in ["model.safetensors", "config.json", "optimizer/index.json", "trainer_state.json"] {
+        assert!(out.join("checkpoint-6").join(f).is_file(), "{f}");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let got: Vec<(u64, f64)> = metrics
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect();
+    assert_eq!(got.len(), 6, "{metrics}");
+    for ((s1, l1), (s2, l2)) in got.iter().zip(&want.losses) {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() / l2 < 1e-5, "step {s1}: 4 ranks {l1} vs one rank {l2}");
+    }
+    let final_loss: f64 = s.results["final_loss"].parse().unwrap();
+    assert!((final_loss - want.losses[5].1).abs() < 1e-5);
+    c.shutdown().await;
+
+    // The same job without a coordinator, as Alibaba DLC starts it: 4 `qctl launch` processes on loopback, one
+    // per "node", told only WORLD_SIZE (nodes), RANK (node index), MASTER_ADDR and MASTER_PORT; the TCP store
+    // on node 0 is the rendezvous. Same losses as the coordinator path.
+    let dlc_spec = dir.path().join("dlc.yaml");
+    std::fs::write(&dlc_spec, yaml("dlc", "resources: {nodes: 2, ranks: 4}\nparallel: {tp: 2}\n", 2)).unwrap();
+    let qctl = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("qctl");
+    assert!(qctl.exists(), "{} is not built: run `cargo build -p qctl`", qctl.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let launches: Vec<_> = (0..4)
+        .map(|node| {
+            std::process::Command::new(&qctl)
+                .args(["launch"])
+                .arg(&dlc_spec)
+                .args(["--run-dir"])
+                .arg(dir.path().join(format!("dlc-run-{node}")))
+                .env("WORLD_SIZE", "4")
+                .env("RANK", node.to_string())
+                .env("NPROC_PER_NODE", "1")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (node, child) in launches.into_iter().enumerate() {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+        assert!(out.status.success(), "node {node}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    let dlc = std::fs::read_to_string(dir.path().join("dlc").join("metrics.jsonl")).unwrap();
+    let dlc_losses: Vec<f64> = dlc.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+    assert_eq!(dlc_losses.len(), 6, "{dlc}");
+    for ((step, l_cluster), l_dlc) in got.iter().zip(&dlc_losses) {
+        assert!((l_cluster - l_dlc).abs() / l_cluster < 1e-6, "step {step}: coordinator path {l_cluster} vs DLC launch {l_dlc}");
+    }
 }

@@ -3,6 +3,11 @@
 //! Connection loss is normal (a coordinator restart): the loop registers again with the ranks it still
 //! supervises and the exits it could not report, and the coordinator reconciles. Ranks keep running
 //! meanwhile.
+//!
+//! Several coordinators (`--coordinator http://a:7070,http://b:7070`, high availability on etcd): the daemon
+//! calls one at a time. When a call fails it follows the leader hint of a follower's answer, else moves on
+//! to the next URL ([`qcluster_proto::leader::Endpoints`]); registration, heartbeats, reports and log
+//! shipping all use the current one, and the ranks it starts get the URL it is registered with.
 
 use crate::launch::{self, LaunchSpec, LogMsg, LogSink, RankKey, RankProcess};
 use qcluster_proto::v1 as pb;
@@ -12,7 +17,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
+use qcluster_proto::client::AuthChannel;
+use qcluster_proto::leader::Endpoints;
 
 /// How many GPUs to offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +30,7 @@ pub enum GpuSetting {
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// `http://host:port` of the coordinator.
+    /// `http://host:port` of the coordinator, or several separated by commas (HA: the daemon finds the leader).
     pub coordinator: String,
     pub node_name: String,
     pub work_dir: PathBuf,
@@ -34,6 +40,10 @@ pub struct WorkerConfig {
     pub address: String,
     /// Program + leading args that run one rank (default: this binary with `rank`).
     pub rank_command: Vec<String>,
+    /// TLS and bearer token towards the coordinator; its ranks get the same (as `QCLUSTER_TOKEN` etc.).
+    pub security: qcluster_proto::client::ClientSecurity,
+    /// Serve Prometheus metrics (`GET /metrics`, see [`crate::metrics`]) here; off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -47,12 +57,16 @@ impl WorkerConfig {
             cpu_slots: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
             address: "127.0.0.1".into(),
             rank_command: vec![exe, "rank".into()],
+            security: Default::default(),
+            metrics_listen: None,
         }
     }
 }
 
 struct LiveRank {
     pid: u32,
+    /// Holds a GPU (else a CPU slot).
+    gpu: bool,
 }
 
 /// State shared by the daemon's tasks.
@@ -65,8 +79,45 @@ struct Shared {
     session: Mutex<String>,
     /// As the coordinator last told us.
     heartbeat_interval: Mutex<Duration>,
-    client: WorkerControlClient<Channel>,
+    /// The coordinator URLs (`--coordinator a,b`) and the current one: the leader as far as we know.
+    endpoints: Mutex<Endpoints>,
+    /// One lazily connected client per URL tried.
+    clients: Mutex<HashMap<String, WorkerControlClient<AuthChannel>>>,
+    /// The URL of the live registration: its ranks reach the coordinator there.
+    session_url: Mutex<String>,
     logs: LogSink,
+    counters: crate::metrics::WorkerCounters,
+    /// True while a registration is live.
+    connected: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// The current coordinator URL and its client (see [`qcluster_proto::leader`]).
+    fn client(&self) -> anyhow::Result<(String, WorkerControlClient<AuthChannel>)> {
+        let url = self.endpoints.lock().unwrap().current().to_string();
+        let mut clients = self.clients.lock().unwrap();
+        if let Some(c) = clients.get(&url) {
+            return Ok((url, c.clone()));
+        }
+        let channel = self.config.security.connect_lazy(&url).map_err(|e| anyhow::anyhow!("coordinator: {e}"))?;
+        let client = WorkerControlClient::new(channel);
+        clients.insert(url.clone(), client.clone());
+        Ok((url, client))
+    }
+
+    /// The Prometheus text of this worker now.
+    fn metrics_text(&self) -> String {
+        let ranks = self.ranks.lock().unwrap();
+        let gpu_ranks = ranks.values().filter(|r| r.gpu).count() as u64;
+        let gauges = crate::metrics::WorkerGauges {
+            gpus: self.gpu_names.len() as u64,
+            cpu_slots: self.config.cpu_slots as u64,
+            gpu_ranks,
+            cpu_ranks: ranks.len() as u64 - gpu_ranks,
+            connected: self.connected.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        crate::metrics::render(&self.config.node_name, &self.counters, &gauges)
+    }
 }
 
 /// A running worker daemon. It owns its own tokio runtime, so that killing it ends every task it
@@ -75,6 +126,8 @@ pub struct WorkerHandle {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Runtime,
     task: tokio::task::JoinHandle<()>,
+    /// Where `GET /metrics` is served, when enabled.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerHandle {
@@ -124,11 +177,7 @@ pub fn start(config: WorkerConfig) -> anyhow::Result<WorkerHandle> {
             (0..n as usize).map(|i| found.get(i).map(|g| g.name.clone()).unwrap_or_else(|| "unspecified GPU".into())).collect()
         }
     };
-    let channel = Channel::from_shared(config.coordinator.clone())
-        .map_err(|e| anyhow::anyhow!("bad coordinator address {:?}: {e}", config.coordinator))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect_lazy();
-    let client = WorkerControlClient::new(channel);
+    let endpoints = Endpoints::parse(&config.coordinator).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         config,
@@ -137,23 +186,54 @@ pub fn start(config: WorkerConfig) -> anyhow::Result<WorkerHandle> {
         unreported: Mutex::new(Vec::new()),
         session: Mutex::new(String::new()),
         heartbeat_interval: Mutex::new(Duration::from_millis(500)),
-        client: client.clone(),
+        endpoints: Mutex::new(endpoints),
+        clients: Mutex::new(HashMap::new()),
+        session_url: Mutex::new(String::new()),
         logs: log_tx,
+        counters: Default::default(),
+        connected: Default::default(),
     });
-    runtime.spawn(ship_logs(client, log_rx));
+    let metrics_addr = match shared.config.metrics_listen {
+        Some(addr) => {
+            let s = shared.clone();
+            let (bound, _task) = qcluster_cli::serve_metrics(addr, move || s.metrics_text())
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+            Some(bound)
+        }
+        None => None,
+    };
+    // Every URL's channel settles now, so a bad TLS setting fails the start, not the first call.
+    for url in shared.endpoints.lock().unwrap().urls().to_vec() {
+        shared.config.security.connect_lazy(&url).map_err(|e| anyhow::anyhow!("coordinator: {e}"))?;
+    }
+    runtime.spawn(ship_logs(shared.clone(), log_rx));
     let task = runtime.spawn(run(shared.clone()));
-    Ok(WorkerHandle { shared, runtime, task })
+    Ok(WorkerHandle { shared, runtime, task, metrics_addr })
 }
 
 async fn run(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        if let Err(e) = session(&shared).await {
+        let ended = session(&shared).await;
+        shared.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = ended {
+            // A follower named the leader: go there at once. Else try the next coordinator of the list.
+            let status = e.downcast_ref::<tonic::Status>();
+            let (hinted, next) = {
+                let mut endpoints = shared.endpoints.lock().unwrap();
+                (endpoints.failed(status), endpoints.current().to_string())
+            };
+            if hinted {
+                tracing::info!("{e}; following the leader hint to {next}");
+                backoff = Duration::from_millis(100);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
             // Retry at least twice per heartbeat interval, so a restarted coordinator sees us again well
             // inside its heartbeat timeout.
             let cap = (*shared.heartbeat_interval.lock().unwrap() * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
             backoff = (backoff * 2).min(cap);
-            tracing::warn!("coordinator session ended: {e}; reconnecting in {backoff:?}");
+            tracing::warn!("coordinator session ended: {e}; reconnecting to {next} in {backoff:?}");
             tokio::time::sleep(backoff).await;
         } else {
             backoff = Duration::from_millis(100);
@@ -163,7 +243,7 @@ async fn run(shared: Arc<Shared>) {
 
 /// One registration: lasts until the coordinator forgets us or the connection breaks.
 async fn session(shared: &Arc<Shared>) -> anyhow::Result<()> {
-    let mut client = shared.client.clone();
+    let (url, mut client) = shared.client()?;
     let cfg = &shared.config;
     let running: Vec<pb::RankRef> = shared
         .ranks
@@ -187,7 +267,10 @@ async fn session(shared: &Arc<Shared>) -> anyhow::Result<()> {
         .into_inner();
     shared.unreported.lock().unwrap().retain(|r| !finished.contains(r));
     *shared.session.lock().unwrap() = reg.session_id.clone();
-    tracing::info!(node = %cfg.node_name, "registered with {}", cfg.coordinator);
+    *shared.session_url.lock().unwrap() = url.clone();
+    shared.counters.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(node = %cfg.node_name, "registered with {url}");
     for r in reg.stop {
         stop_ranks(shared, |k| k.job_id == r.job_id && k.attempt == r.attempt && k.rank == r.rank, Duration::from_secs(10));
     }
@@ -272,8 +355,15 @@ fn rank_env(shared: &Shared, s: &pb::StartRanks, slot: &pb::RankSlot, spec_path:
     if let Ok(spec) = qjobspec::JobSpec::parse(&s.spec_yaml, "<assignment>") {
         env.extend(spec.env);
     }
+    // The coordinator this worker is registered with (the leader) first, then the rest of the list, so the
+    // rank can follow a failover (see `crate::rank::RankClient`).
+    let leader = shared.session_url.lock().unwrap().clone();
+    let mut urls = vec![leader.clone()];
+    urls.extend(
+        shared.config.coordinator.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty() && *u != leader),
+    );
     let identity = crate::rank::RankEnv {
-        meeting: crate::rank::Meeting::Coordinator(shared.config.coordinator.clone()),
+        meeting: crate::rank::Meeting::Coordinator(urls.join(",")),
         job_id: s.job_id.clone(),
         attempt: s.attempt,
         rank: slot.rank,
@@ -286,6 +376,7 @@ fn rank_env(shared: &Shared, s: &pb::StartRanks, slot: &pb::RankSlot, spec_path:
     };
     env.extend(identity.to_vars().into_iter().map(|(k, v)| (k.to_string(), v)));
     env.insert("QCLUSTER_NODE".into(), shared.config.node_name.clone());
+    env.extend(shared.config.security.env_vars());
     env.insert("CUDA_VISIBLE_DEVICES".into(), if slot.gpu >= 0 { slot.gpu.to_string() } else { String::new() });
     env
 }
@@ -320,12 +411,14 @@ fn start_rank(
     let shared = shared.clone();
     match spawned {
         Err(message) => {
+            shared.counters.rank_start_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(job = %key.job_id, rank = key.rank, "{message}");
             tokio::spawn(async move { report(&shared, &key, "failed_to_start", 0, 0, message).await });
         }
         Ok(process) => {
             let pid = process.pid;
-            shared.ranks.lock().unwrap().insert(key.clone(), LiveRank { pid });
+            shared.ranks.lock().unwrap().insert(key.clone(), LiveRank { pid, gpu: slot.gpu >= 0 });
+            shared.counters.rank_starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(supervise(shared, key, process));
         }
     }
@@ -340,6 +433,8 @@ async fn supervise(shared: Arc<Shared>, key: RankKey, mut process: RankProcess) 
         let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
     }
     shared.ranks.lock().unwrap().remove(&key);
+    let exits = if exit.code == 0 { &shared.counters.rank_exits_ok } else { &shared.counters.rank_exits_failed };
+    exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     report(&shared, &key, "exited", pid, exit.code, String::new()).await;
 }
 
@@ -354,8 +449,11 @@ async fn report(shared: &Shared, key: &RankKey, state: &str, pid: u32, exit_code
         exit_code,
         message,
     };
-    let mut client = shared.client.clone();
-    if let Err(e) = client.report_rank(rep.clone()).await {
+    let sent = match shared.client() {
+        Ok((_, mut client)) => client.report_rank(rep.clone()).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    if let Err(e) = sent {
         if state != "running" {
             tracing::warn!(job = %key.job_id, rank = key.rank, "cannot report {state} yet: {}", e.message());
             shared.unreported.lock().unwrap().push(rep);
@@ -364,7 +462,7 @@ async fn report(shared: &Shared, key: &RankKey, state: &str, pid: u32, exit_code
 }
 
 /// Batches rank output per (rank, stream) and ships it, at least every 200 ms.
-async fn ship_logs(client: WorkerControlClient<Channel>, mut rx: mpsc::UnboundedReceiver<LogMsg>) {
+async fn ship_logs(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<LogMsg>) {
     let mut pending: BTreeMap<(RankKey, &'static str), Vec<u8>> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -374,26 +472,29 @@ async fn ship_logs(client: WorkerControlClient<Channel>, mut rx: mpsc::Unbounded
                     let buf = pending.entry((key, stream)).or_default();
                     buf.extend(data);
                     if buf.len() > 256 * 1024 {
-                        flush_logs(&client, &mut pending).await;
+                        flush_logs(&shared, &mut pending).await;
                     }
                 }
                 Some(LogMsg::Flush(done)) => {
-                    flush_logs(&client, &mut pending).await;
+                    flush_logs(&shared, &mut pending).await;
                     let _ = done.send(());
                 }
                 None => return,
             },
-            _ = tick.tick() => flush_logs(&client, &mut pending).await,
+            _ = tick.tick() => flush_logs(&shared, &mut pending).await,
         }
     }
 }
 
-async fn flush_logs(client: &WorkerControlClient<Channel>, pending: &mut BTreeMap<(RankKey, &'static str), Vec<u8>>) {
+async fn flush_logs(shared: &Shared, pending: &mut BTreeMap<(RankKey, &'static str), Vec<u8>>) {
     for ((key, stream), data) in std::mem::take(pending) {
         let batch = pb::LogBatch { job_id: key.job_id.clone(), attempt: key.attempt, rank: key.rank, stream: stream.into(), data };
-        let mut client = client.clone();
-        match tokio::time::timeout(Duration::from_secs(5), client.ship_logs(batch.clone())).await {
-            Ok(Ok(_)) => {}
+        let shipped = match shared.client() {
+            Ok((_, mut client)) => tokio::time::timeout(Duration::from_secs(5), client.ship_logs(batch.clone())).await.ok(),
+            Err(_) => None,
+        };
+        match shipped {
+            Some(Ok(_)) => {}
             // Keep undelivered output (bounded) for the next try; a coordinator restart loses none.
             _ => {
                 let buf = pending.entry((key, stream)).or_default();

@@ -257,6 +257,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let mut p = spawn_rank(&spec(dir.path(), "sleep 60"), dir.path(), tx).unwrap();
+        // Until the child has exec'd, /proc/<pid>/environ is still this test's environment (not a rank's):
+        // wait for the exec, as a real restart always comes long after it.
+        for _ in 0..250 {
+            let env = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
+            if env.split(|b| *b == 0).any(|kv| kv.starts_with(b"QCLUSTER_JOB_ID=")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let killed = kill_leftovers(dir.path());
         assert_eq!(killed, vec![p.pid]);
         assert_eq!(p.wait().await.code, 128 + 9);

@@ -6,7 +6,8 @@
 //! - `NNODES` (else `WORLD_SIZE` read as the node count, DLC's convention; default 1)
 //! - `NODE_RANK` (else `RANK` read as the node index; default 0)
 //! - `NPROC_PER_NODE` (default: the job's ranks per node)
-//! - `MASTER_ADDR` (default 127.0.0.1), `MASTER_PORT` (default 29500): where node 0 serves the store.
+//! - `MASTER_ADDR` (default 127.0.0.1), `MASTER_PORT` (default 29500): where node 0 serves the store (0 = any
+//!   free port, one node only: what `qctl train --local --nproc N` uses).
 //!
 //! Global rank = `NODE_RANK · NPROC_PER_NODE + local rank`. The launcher exits 0 when all its ranks do;
 //! when one fails it stops the others (SIGTERM, then SIGKILL after 10 s) and exits 1.
@@ -80,13 +81,19 @@ pub fn launch(spec_path: &Path, env: &LaunchEnv, rank_command: Vec<String>, run_
         env.nproc_per_node,
         env.world_size()
     );
-    let store_addr = format!("{}:{}", env.master_addr, env.master_port);
-    let _server = if env.node_rank == 0 {
+    anyhow::ensure!(
+        env.master_port != 0 || env.nnodes == 1,
+        "MASTER_PORT 0 (any free port) works on one node only: the other nodes could not know the port"
+    );
+    let server = if env.node_rank == 0 {
         Some(crate::tcp_store::StoreServer::start(&format!("0.0.0.0:{}", env.master_port))
             .map_err(|e| anyhow::anyhow!("cannot serve the TCP store on port {}: {e}", env.master_port))?)
     } else {
         None
     };
+    // Port 0: the store took a free port (`qctl train --local --nproc N`).
+    let port = server.as_ref().map_or(env.master_port, |s| s.addr.port());
+    let store_addr = format!("{}:{}", env.master_addr, port);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel();

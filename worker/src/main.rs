@@ -8,7 +8,7 @@ use std::path::PathBuf;
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Coordinator URL.
+    /// Coordinator URL, or several separated by commas (coordinators in HA: the worker follows the leader).
     #[arg(long, default_value = "http://127.0.0.1:7070", env = "QWORKER_COORDINATOR")]
     coordinator: String,
     /// Name of this node (default: the host name).
@@ -26,6 +26,14 @@ struct Args {
     /// Address other nodes reach this node's ranks at.
     #[arg(long, default_value = "127.0.0.1", env = "QWORKER_ADDRESS")]
     address: String,
+    #[command(flatten)]
+    security: qcluster_cli::ClientSecurityArgs,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9101).
+    #[arg(long, env = "QWORKER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as `text` or `json`.
+    #[arg(long, default_value = "text", env = "QWORKER_LOG_FORMAT")]
+    log_format: qcluster_cli::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -40,9 +48,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Rank) = args.command {
         return qworker::rank::rank_main();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    qcluster_cli::init_logging(args.log_format);
     let node_name = args.node_name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
     });
@@ -52,6 +58,8 @@ fn main() -> anyhow::Result<()> {
         config.cpu_slots = n;
     }
     config.address = args.address;
+    config.security = args.security.load()?;
+    config.metrics_listen = args.metrics_listen;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let handle = qworker::start(config)?;

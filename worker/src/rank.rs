@@ -6,10 +6,9 @@ use qcluster_proto::v1 as pb;
 use qcluster_proto::v1::rendezvous_client::RendezvousClient;
 use qjobspec::{JobKind, JobSpec};
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
-use tonic::transport::Channel;
+use qcluster_proto::client::AuthChannel;
 
 /// How a rank meets its peers: through the coordinator's Rendezvous service (ranks a worker
 /// launched), or through a TCP store on node 0 (launches without a coordinator, see `launcher`).
@@ -102,20 +101,35 @@ impl RankEnv {
     }
 }
 
-/// A rank's line to the coordinator (blocking wrappers over the async client).
+/// A rank's line to the coordinator (blocking wrappers over the async client). `url` may list several
+/// coordinators (`http://a,http://b`, HA): a call answered by a follower, or not answered, moves to the leader it
+/// names or to the next URL ([`qcluster_proto::leader::Endpoints`]), so a rank survives a failover.
 pub struct RankClient {
     env: RankEnv,
     runtime: tokio::runtime::Runtime,
-    client: RendezvousClient<Channel>,
+    client: RendezvousClient<AuthChannel>,
+    endpoints: qcluster_proto::leader::Endpoints,
+    security: qcluster_proto::client::ClientSecurity,
 }
 
 impl RankClient {
     pub fn connect(env: RankEnv, url: &str) -> anyhow::Result<RankClient> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let endpoints = qcluster_proto::leader::Endpoints::parse(url)
+            .map_err(|e| anyhow::anyhow!("coordinator URL {url:?}: {e}"))?;
+        let security = qcluster_proto::client::ClientSecurity::from_env()?;
+        let client = Self::client_for(&runtime, &security, endpoints.current())?;
+        Ok(RankClient { env, runtime, client, endpoints, security })
+    }
+
+    fn client_for(
+        runtime: &tokio::runtime::Runtime,
+        security: &qcluster_proto::client::ClientSecurity,
+        url: &str,
+    ) -> anyhow::Result<RendezvousClient<AuthChannel>> {
         // The channel's background task is spawned on this runtime (it runs inside `block_on`).
         let _guard = runtime.enter();
-        let channel = Channel::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(5)).connect_lazy();
-        Ok(RankClient { env, runtime, client: RendezvousClient::new(channel) })
+        Ok(RendezvousClient::new(security.connect_lazy(url)?))
     }
 
     /// Retries a call through coordinator restarts until `deadline` passes.
@@ -123,14 +137,21 @@ impl RankClient {
         &mut self,
         what: &str,
         deadline: Duration,
-        mut call: impl FnMut(RendezvousClient<Channel>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, tonic::Status>> + Send>>,
+        mut call: impl FnMut(RendezvousClient<AuthChannel>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, tonic::Status>> + Send>>,
     ) -> anyhow::Result<T> {
         let start = std::time::Instant::now();
         loop {
             match self.runtime.block_on(call(self.client.clone())) {
                 Ok(v) => return Ok(v),
                 Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && start.elapsed() < deadline => {
-                    std::thread::sleep(Duration::from_millis(300));
+                    // A follower names the leader; an unreachable coordinator sends us to the next URL.
+                    let hinted = self.endpoints.failed(Some(&s));
+                    if self.endpoints.urls().len() > 1 || hinted {
+                        self.client = Self::client_for(&self.runtime, &self.security, self.endpoints.current())?;
+                    }
+                    if !hinted {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
                 }
                 Err(s) => anyhow::bail!("{what}: {}", s.message()),
             }
@@ -264,6 +285,8 @@ impl RankLink {
     pub fn report(&mut self, progress: Option<pb::Progress>, results: HashMap<String, String>) -> anyhow::Result<()> {
         match self {
             RankLink::Coordinator(c) => c.report(progress, results),
+            // Progress has nowhere to go without a coordinator (the rank's log has it); results are printed.
+            RankLink::Store { .. } if results.is_empty() => Ok(()),
             RankLink::Store { .. } => {
                 let results: std::collections::BTreeMap<_, _> = results.into_iter().collect();
                 println!("qcluster-results {}", serde_json::to_string(&results)?);
@@ -298,7 +321,21 @@ pub fn rank_main() -> anyhow::Result<()> {
         JobKind::CommCheck => run_comm_check(env, &spec),
         JobKind::Pretrain | JobKind::Sft => {
             let mut link = RankLink::connect(&env)?;
-            crate::training::run_rank_training(&env, &spec, &mut link)
+            let last_checkpoint = crate::training::run_rank_training(&env, &spec, &mut link)?;
+            match (spec.serve_after_training, last_checkpoint) {
+                (Some(true), Some(dir)) if env.rank == 0 => {
+                    let settings = spec.serve.clone().unwrap_or_default();
+                    crate::serving::serve_until_stopped(&env, &settings, &dir, &mut link)
+                }
+                (Some(true), None) if env.rank == 0 => {
+                    anyhow::bail!("serve_after_training: the run wrote no checkpoint to serve")
+                }
+                _ => Ok(()),
+            }
+        }
+        JobKind::Serve => {
+            let mut link = RankLink::connect(&env)?;
+            crate::serving::run_serve_rank(&env, &spec, &mut link)
         }
         other => anyhow::bail!("job kind `{other}` cannot run in a rank process of this build"),
     }
@@ -349,14 +386,9 @@ fn run_comm_check(env: RankEnv, spec: &JobSpec) -> anyhow::Result<()> {
     if let Some(ordinal) = gpu {
         return run_comm_check_nccl(env, spec, ordinal);
     }
-    let listener = TcpListener::bind((env.node_address.as_str(), 0))
-        .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
-        .map_err(|e| anyhow::anyhow!("cannot open a listener for peers: {e}"))?;
-    let address = format!("{}:{}", env.node_address, listener.local_addr()?.port());
     let rank = env.rank as usize;
     let mut client = RankLink::connect(&env)?;
-    let addresses = client.join(address, Duration::from_secs(300))?;
-    let comm = qparallel::comm::CpuCommunicator::connect_tcp(rank, listener, &addresses, Duration::from_secs(120))?;
+    let comm = crate::training::cpu_world(&env, &mut client, Duration::from_secs(120))?;
     let report = qparallel::comm_check::run_comm_check(&comm, spec.comm_check.bytes as usize, spec.comm_check.iters as usize)?;
     println!("{report}");
     if rank == 0 {

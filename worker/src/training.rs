@@ -1,6 +1,12 @@
 //! Training jobs inside qcluster: the job spec's training keys mapped onto the engine's
-//! [`TrainConfig`] (shared by `qctl train --local` and the rank process), and the rank-side runner that
-//! reports progress and committed checkpoints to whoever launched it.
+//! [`TrainConfig`] and its `parallel:` block onto [`ParallelDims`] (shared by `qctl train --local` and the rank
+//! process), and the rank-side runner that reports progress and committed checkpoints to whoever launched it.
+//!
+//! A job of one rank runs [`run_training`] in the rank process. A job of several ranks connects the CPU TCP
+//! communicator among its ranks (addresses exchanged through the [`RankLink`] rendezvous, as comm-check does)
+//! and runs [`run_distributed_training`]: every rank trains its share, and only global rank 0 writes the output
+//! directory and reports progress, checkpoints and results (the coordinator keeps whatever a rank of the current
+//! attempt reports, so one reporter keeps the job's progress consistent).
 
 use crate::rank::{RankEnv, RankLink};
 use anyhow::bail;
@@ -9,11 +15,17 @@ use qjobspec::{JobSpec, LrDecayStyle, ModelSource as SpecModel, Resume as SpecRe
 use qparallel::data::{SftOptions, Truncation};
 use qparallel::lora::{LoraConfig, TargetModules};
 use qparallel::optim::{AdamWConfig, DecayStyle, Warmup};
-use qparallel::train::{ModelSource, Resume, RunInfo, StepMetrics, TrainConfig, TrainObserver, run_training};
+use qparallel::dims::{ParallelConfig, ParallelDims};
+use qparallel::model::ModelConfig;
+use qparallel::train::{
+    ModelSource, Resume, RunInfo, StepMetrics, TrainConfig, TrainObserver, run_distributed_training, run_training,
+};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use qparallel::comm::CpuCommunicator;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Maps a validated job spec onto the engine's [`TrainConfig`].
 pub fn train_config(spec: &JobSpec) -> anyhow::Result<TrainConfig> {
@@ -125,6 +137,12 @@ struct Reporter<'a> {
 
 const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
+impl<'a> Reporter<'a> {
+    fn new(link: &'a mut RankLink, cfg: &TrainConfig) -> Self {
+        Reporter { link, logging_steps: cfg.logging_steps.max(1), last_report: None, start: Instant::now(), start_step: 0 }
+    }
+}
+
 impl TrainObserver for Reporter<'_> {
     fn on_start(&mut self, info: &RunInfo) {
         self.start_step = info.start_step;
@@ -168,23 +186,91 @@ impl TrainObserver for Reporter<'_> {
     }
 }
 
-/// Runs a training job in this rank process (world size 1 today).
-pub fn run_rank_training(env: &RankEnv, spec: &JobSpec, link: &mut RankLink) -> anyhow::Result<()> {
-    if env.world_size != 1 {
-        bail!(
-            "{} ranks asked for: training across ranks (tp/pp/dp) needs the parallel engine, which this build \
-             does not run from a job yet; use resources: {{ranks: 1}}",
-            env.world_size
-        );
-    }
+/// The job's parallel layout over its `world_size` ranks (`dp` derived). Megatron's
+/// `num_layers_per_virtual_pipeline_stage` becomes `vpp = layers / (pp · n)`, with the layer count from the model's
+/// `config.json`.
+pub fn parallel_dims(spec: &JobSpec, cfg: &TrainConfig) -> anyhow::Result<ParallelDims> {
+    let p = &spec.parallel;
+    let vpp = match p.num_layers_per_virtual_pipeline_stage {
+        None => p.vpp as usize,
+        Some(n) => {
+            let config = match &cfg.model {
+                ModelSource::Pretrained(dir) => dir.join("config.json"),
+                ModelSource::Random { config } => config.clone(),
+            };
+            let layers = ModelConfig::from_file(&config)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?
+                .num_hidden_layers;
+            let per_rank = p.pp as usize * n as usize;
+            anyhow::ensure!(
+                per_rank > 0 && layers % per_rank == 0,
+                "key `parallel.num_layers_per_virtual_pipeline_stage`: {layers} layers do not split into pp {} × \
+                 chunks of {n} layers",
+                p.pp
+            );
+            layers / per_rank
+        }
+    };
+    let config = ParallelConfig {
+        tp: p.tp as usize,
+        pp: p.pp as usize,
+        vpp,
+        cp: p.cp as usize,
+        ep: p.ep as usize,
+        etp: Some(p.etp as usize),
+        sp: p.sp,
+    };
+    ParallelDims::new(spec.world_size() as usize, config).map_err(|e| anyhow::anyhow!("key `parallel`: {e}"))
+}
+
+/// How long a rank waits for any message of its peers (rank 0 loads and writes checkpoints while the others wait).
+const PEER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The CPU world communicator of this rank: a TCP listener on the node address, every rank's address through
+/// the rendezvous (`link`), then connections to every peer. Collective over the job's ranks.
+pub fn cpu_world(env: &RankEnv, link: &mut RankLink, timeout: Duration) -> anyhow::Result<CpuCommunicator> {
+    let listener = TcpListener::bind((env.node_address.as_str(), 0))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", 0)))
+        .map_err(|e| anyhow::anyhow!("cannot open a listener for peers: {e}"))?;
+    let address = format!("{}:{}", env.node_address, listener.local_addr()?.port());
+    let addresses = link.join(address, Duration::from_secs(300))?;
+    Ok(CpuCommunicator::connect_tcp(env.rank as usize, listener, &addresses, timeout)?)
+}
+
+/// Runs a training job in this rank process: alone ([`run_training`]) or as one rank of several
+/// ([`run_distributed_training`] over the CPU TCP communicator); see the module docs. On rank 0 returns the
+/// newest checkpoint of the run (written now, or the one a finished run resumed from), which
+/// `serve_after_training` serves.
+pub fn run_rank_training(env: &RankEnv, spec: &JobSpec, link: &mut RankLink) -> anyhow::Result<Option<PathBuf>> {
     let mut cfg = train_config(spec)?;
     // A restarted attempt resumes from the checkpoint the coordinator names, unless the spec pins one.
     if let (Some(from), Resume::Auto) = (&env.resume_from, &cfg.resume) {
         cfg.resume = Resume::Path(from.clone());
     }
-    let mut reporter =
-        Reporter { link, logging_steps: cfg.logging_steps.max(1), last_report: None, start: Instant::now(), start_step: 0 };
-    let summary = run_training(&cfg, &mut reporter)?;
+    anyhow::ensure!(
+        env.world_size == spec.world_size(),
+        "this rank was started as one of {} ranks, the job spec asks for {}",
+        env.world_size,
+        spec.world_size()
+    );
+    let world_size = env.world_size as usize;
+    let summary = if world_size == 1 {
+        let mut reporter = Reporter::new(link, &cfg);
+        run_training(&cfg, &mut reporter)?
+    } else {
+        let dims = parallel_dims(spec, &cfg)?;
+        let world = cpu_world(env, link, PEER_TIMEOUT)?;
+        eprintln!(
+            "rank {}: {dims:?} on the CPU communicator ({})",
+            env.rank,
+            qparallel::train::EngineKind::for_dims(&dims).map(|k| format!("{k:?}")).unwrap_or_else(|e| e.to_string())
+        );
+        let mut reporter = Reporter::new(link, &cfg);
+        run_distributed_training(&world, dims, &cfg, &mut reporter)?
+    };
+    if env.rank != 0 {
+        return Ok(None);
+    }
     let mut results = HashMap::new();
     if let Some((step, loss)) = summary.losses.last() {
         results.insert("final_step".to_string(), step.to_string());
@@ -194,6 +280,9 @@ pub fn run_rank_training(env: &RankEnv, spec: &JobSpec, link: &mut RankLink) -> 
         results.insert("last_checkpoint".to_string(), dir.display().to_string());
     }
     results.insert("output_dir".to_string(), cfg.output_dir.display().to_string());
-    reporter.link.report(None, results)?;
-    Ok(())
+    if world_size > 1 {
+        results.insert("ranks".to_string(), world_size.to_string());
+    }
+    link.report(None, results)?;
+    Ok(summary.checkpoints.last().cloned().or(summary.resumed_from))
 }

@@ -14,6 +14,9 @@
 //!   torch_baseline's formula, then (dense models) a per-op breakdown: every op the step runs, at the step's
 //!   shapes, timed alone (host timer around a synchronised launch, median of 5) times its count per step.
 //!
+//! - `tp-dp-parity`, `tp-dp`: two GPUs, tensor and data parallelism over NCCL against the one-GPU run, and their
+//!   step throughput (see [`tp_dp`]).
+//!
 //! See README.md beside this file.
 
 use std::error::Error;
@@ -25,6 +28,8 @@ use qkernels::ops::{self, RopeTable};
 use qkernels::{DType, Device, Tensor, cuda};
 use qparallel::hf::{self, HostTensor, TensorMap};
 use qparallel::model::{Batch, ModelConfig, Qwen3Model, Qwen3Params};
+
+mod tp_dp;
 
 type R<T> = Result<T, Box<dyn Error>>;
 
@@ -64,11 +69,15 @@ fn main() -> ExitCode {
         Some("parity") => parity(&args[1..]),
         Some("train-step") => train_step(&args[1..]),
         Some("optim-parity") => optim_parity(),
+        Some("tp-dp-parity") => tp_dp::parity(&args[1..]),
+        Some("tp-dp") => tp_dp::throughput(&args[1..]),
         _ => {
             eprintln!(
                 "usage: qcluster-gpu-bench parity [--fixtures DIR] [--tol X]\n       \
                  qcluster-gpu-bench train-step MODEL SEQ MBS STEPS [--ckpt] [--no-breakdown] [--optimizer]\n       \
-                 qcluster-gpu-bench optim-parity\n\
+                 qcluster-gpu-bench optim-parity\n       \
+                 qcluster-gpu-bench tp-dp-parity [--fixtures DIR] [--tol X] [--rows FILE] [--layouts tp2,tp2sp,dp2]\n       \
+                 qcluster-gpu-bench tp-dp MODEL SEQ MBS STEPS [--layouts single,dp2,tp2,tp2sp]\n\
                  MODEL: qwen3-0.6b | qwen3-1.7b | qwen3-4b | qwen3-8b | qwen3-50m"
             );
             return ExitCode::from(2);

@@ -594,6 +594,87 @@ pub fn cross_entropy(
     Ok((out(ce), dl.map(out)))
 }
 
+/// Vocab-parallel cross-entropy, pass 1 (see `kernels/cuda/cross_entropy.cu`): per row of the local logits
+/// `[t, v]`, `[m (t) | Σexp(x − m) (t) | x[target] or 0 (t)]` as one f32 vector of `3t` on the host. `local`
+/// holds each row's local target column, or `u32::MAX` when another rank owns it.
+pub fn vocab_shard_stats(logits: &Tensor, local: &Tensor) -> Result<Vec<f32>> {
+    let op = "vocab_shard_stats";
+    let dt = float_dtype(op, &[logits])?;
+    let dev = dev_of(op, &[logits, local])?;
+    logits.expect_rank(op, "logits", 2)?;
+    let (t, v) = (logits.shape()[0], logits.shape()[1]);
+    local.expect_dtype(op, DType::U32)?;
+    local.expect_shape(op, "local targets", &[t])?;
+    let o = CudaStorage::alloc(&dev, &[3 * t], DType::F32)?;
+    if t > 0 {
+        let block = if v >= 4096 { 1024 } else { 256 };
+        dev.launch(
+            "cross_entropy",
+            &format!("vp_ce_stats_{}", sfx(op, dt)?),
+            (t as u32, 1, 1),
+            block,
+            0,
+            &mut [
+                ptr(logits)?,
+                ptr(local)?,
+                KArg::Ptr(o.ptr()),
+                KArg::I64(t as i64),
+                KArg::I64(v as i64),
+            ],
+        )?;
+    }
+    o.to_f32()
+}
+
+/// Vocab-parallel cross-entropy, pass 2: `dl [t, v]` (dtype of the logits) with
+/// `dl_tv = coef_t·(exp(x_tv − lse_t) − [v = local_t])`.
+pub fn vocab_shard_grad(
+    logits: &Tensor,
+    local: &Tensor,
+    lse: &[f32],
+    coef: &[f32],
+) -> Result<Tensor> {
+    let op = "vocab_shard_grad";
+    let dt = float_dtype(op, &[logits])?;
+    let dev = dev_of(op, &[logits, local])?;
+    logits.expect_rank(op, "logits", 2)?;
+    let (t, v) = (logits.shape()[0], logits.shape()[1]);
+    local.expect_dtype(op, DType::U32)?;
+    local.expect_shape(op, "local targets", &[t])?;
+    if lse.len() != t || coef.len() != t {
+        return Err(KernelError::shape(
+            op,
+            format!(
+                "{t} rows, {} lse and {} coefficients",
+                lse.len(),
+                coef.len()
+            ),
+        ));
+    }
+    let l = CudaStorage::from_f32(&dev, lse, &[t])?;
+    let c = CudaStorage::from_f32(&dev, coef, &[t])?;
+    let dl = CudaStorage::alloc(&dev, logits.shape(), dt)?;
+    if t > 0 {
+        let block = if v >= 4096 { 1024 } else { 256 };
+        dev.launch(
+            "cross_entropy",
+            &format!("vp_ce_grad_{}", sfx(op, dt)?),
+            (t as u32, 1, 1),
+            block,
+            0,
+            &mut [
+                ptr(logits)?,
+                ptr(local)?,
+                KArg::Ptr(l.ptr()),
+                KArg::Ptr(c.ptr()),
+                KArg::Ptr(dl.ptr()),
+                KArg::I64(v as i64),
+            ],
+        )?;
+    }
+    Ok(out(dl))
+}
+
 // --------------------------------------------------------------------------------------------------------------
 // MoE permutation (the plan is built on the host; its index tensors live on the device).
 

@@ -56,6 +56,19 @@ impl Dims {
     fn group(&self) -> usize {
         self.hq / self.hkv
     }
+
+    /// As an indexed call whose queries are its keys.
+    fn square(self) -> IDims {
+        let Dims { b, s, hq, hkv, d } = self;
+        IDims {
+            b,
+            sq: s,
+            sk: s,
+            hq,
+            hkv,
+            d,
+        }
+    }
 }
 
 fn check(
@@ -146,6 +159,86 @@ fn scores(
     Ok(Scores { s: sc, qh, kh, vh })
 }
 
+/// The forward from masked scores `[b, hkv, g, sq, sk]`: softmax over the keys, the output `[b, sq, hq, d]` and
+/// its log-sum-exp `[b, hq, sq]` (the CPU tail of [`attention_fwd`] and [`attention_fwd_indexed`]).
+fn softmax_out(dims: IDims, sc: &Scores) -> Result<AttentionOut> {
+    let IDims {
+        b,
+        sq,
+        sk,
+        hq,
+        hkv,
+        d,
+    } = dims;
+    let g = hq / hkv;
+    let m = sc.s.max_keepdim(4)?; // [b, hkv, g, sq, 1]
+    let e = sc.s.broadcast_sub(&m)?.exp()?;
+    let l = e.sum_keepdim(4)?;
+    let p = e.broadcast_div(&l)?.reshape((b, hkv, g * sq, sk))?;
+    let lse = m.add(&l.log()?)?.reshape((b, hq, sq))?;
+    let o = p
+        .matmul(&sc.vh)?
+        .reshape((b, hq, sq, d))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok(AttentionOut {
+        out: Tensor::from_cpu(o),
+        lse: Tensor::from_cpu(lse),
+    })
+}
+
+/// The backward from masked scores `[b, hkv, g, sq, sk]` with `P` rebuilt from the forward's `lse` (the CPU tail of
+/// [`attention_bwd`] and [`attention_bwd_indexed`]; checks `dout`, `out` and `lse` first).
+#[allow(clippy::too_many_arguments)]
+fn softmax_out_bwd(
+    op: &'static str,
+    dims: IDims,
+    sc: impl FnOnce() -> Result<Scores>,
+    q: &Tensor,
+    dout: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+) -> Result<AttentionGrads> {
+    let IDims {
+        b,
+        sq,
+        sk,
+        hq,
+        hkv,
+        d,
+    } = dims;
+    let g = hq / hkv;
+    dout.expect_shape(op, "dout", q.shape())?;
+    out.expect_shape(op, "out", q.shape())?;
+    lse.expect_shape(op, "lse", &[b, hq, sq])?;
+    Tensor::common_device(op, &[q, dout, out, lse])?;
+    let sc = sc()?;
+    let lse5 = lse.cpu()?.reshape((b, hkv, g, sq, 1))?;
+    let p =
+        sc.s.broadcast_sub(&lse5)?
+            .exp()?
+            .reshape((b, hkv, g * sq, sk))?; // P, rebuilt
+    let doh = heads_major(dout)?.reshape((b, hkv, g * sq, d))?;
+    let oh = heads_major(out)?.reshape((b, hkv, g * sq, d))?;
+    let dv = p.t()?.matmul(&doh)?; // [b, hkv, sk, d], summed over the group
+    let dp = doh.matmul(&sc.vh.t()?)?; // [b, hkv, g·sq, sk]
+    let di = doh.mul(&oh)?.sum_keepdim(3)?; // [b, hkv, g·sq, 1]
+    let ds = p.mul(&dp.broadcast_sub(&di)?)?;
+    let dq = ds.matmul(&sc.kh)?.affine(scale as f64, 0.0)?; // [b, hkv, g·sq, d]
+    let dk = ds.t()?.matmul(&sc.qh)?.affine(scale as f64, 0.0)?; // [b, hkv, sk, d]
+    let token_major = |t: candle_core::Tensor, h: usize, s: usize| -> Result<Tensor> {
+        Ok(Tensor::from_cpu(
+            t.reshape((b, h, s, d))?.transpose(1, 2)?.contiguous()?,
+        ))
+    };
+    Ok(AttentionGrads {
+        dq: token_major(dq, hq, sq)?,
+        dk: token_major(dk, hkv, sk)?,
+        dv: token_major(dv, hkv, sk)?,
+    })
+}
+
 /// Attention forward (see module docs). `scale` is usually `1/√head_dim`.
 pub fn attention_fwd(
     q: &Tensor,
@@ -159,23 +252,8 @@ pub fn attention_fwd(
         return Ok(AttentionOut { out, lse });
     }
     let dims = check("attention_fwd", q, k, v, segment_ids)?;
-    let Dims { b, s, hq, hkv, d } = dims;
-    let g = dims.group();
     let sc = scores(dims, q, k, v, segment_ids, scale)?;
-    let m = sc.s.max_keepdim(4)?; // [b, hkv, g, s, 1]
-    let e = sc.s.broadcast_sub(&m)?.exp()?;
-    let l = e.sum_keepdim(4)?;
-    let p = e.broadcast_div(&l)?.reshape((b, hkv, g * s, s))?;
-    let lse = m.add(&l.log()?)?.reshape((b, hq, s))?;
-    let o = p
-        .matmul(&sc.vh)?
-        .reshape((b, hq, s, d))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    Ok(AttentionOut {
-        out: Tensor::from_cpu(o),
-        lse: Tensor::from_cpu(lse),
-    })
+    softmax_out(dims.square(), &sc)
 }
 
 /// Attention backward. `out` and `lse` are what [`attention_fwd`] returned for the same `q, k, v`.
@@ -197,36 +275,8 @@ pub fn attention_bwd(
         return Ok(AttentionGrads { dq, dk, dv });
     }
     let dims = check(op, q, k, v, segment_ids)?;
-    let Dims { b, s, hq, hkv, d } = dims;
-    let g = dims.group();
-    dout.expect_shape(op, "dout", q.shape())?;
-    out.expect_shape(op, "out", q.shape())?;
-    lse.expect_shape(op, "lse", &[b, hq, s])?;
-    Tensor::common_device(op, &[q, dout, out, lse])?;
-    let sc = scores(dims, q, k, v, segment_ids, scale)?;
-    let lse5 = lse.cpu()?.reshape((b, hkv, g, s, 1))?;
-    let p =
-        sc.s.broadcast_sub(&lse5)?
-            .exp()?
-            .reshape((b, hkv, g * s, s))?; // P, rebuilt
-    let doh = heads_major(dout)?.reshape((b, hkv, g * s, d))?;
-    let oh = heads_major(out)?.reshape((b, hkv, g * s, d))?;
-    let dv = p.t()?.matmul(&doh)?; // [b, hkv, s, d], summed over the group
-    let dp = doh.matmul(&sc.vh.t()?)?; // [b, hkv, g·s, s]
-    let di = doh.mul(&oh)?.sum_keepdim(3)?; // [b, hkv, g·s, 1]
-    let ds = p.mul(&dp.broadcast_sub(&di)?)?;
-    let dq = ds.matmul(&sc.kh)?.affine(scale as f64, 0.0)?; // [b, hkv, g·s, d]
-    let dk = ds.t()?.matmul(&sc.qh)?.affine(scale as f64, 0.0)?; // [b, hkv, s, d]
-    let token_major = |t: candle_core::Tensor, h: usize| -> Result<Tensor> {
-        Ok(Tensor::from_cpu(
-            t.reshape((b, h, s, d))?.transpose(1, 2)?.contiguous()?,
-        ))
-    };
-    Ok(AttentionGrads {
-        dq: token_major(dq, hq)?,
-        dk: token_major(dk, hkv)?,
-        dv: token_major(dv, hkv)?,
-    })
+    let sc = || scores(dims, q, k, v, segment_ids, scale);
+    softmax_out_bwd(op, dims.square(), sc, q, dout, out, lse, scale)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -426,25 +476,8 @@ pub fn attention_fwd_indexed(
         });
     }
     let dims = check_indexed(op, q, k, v, index)?;
-    let IDims {
-        b, sq, hq, hkv, d, ..
-    } = dims;
-    let g = hq / hkv;
     let sc = scores_indexed(op, dims, q, k, v, index, scale)?;
-    let m = sc.s.max_keepdim(4)?; // [b, hkv, g, sq, 1]
-    let e = sc.s.broadcast_sub(&m)?.exp()?;
-    let l = e.sum_keepdim(4)?;
-    let p = e.broadcast_div(&l)?.reshape((b, hkv, g * sq, dims.sk))?;
-    let lse = m.add(&l.log()?)?.reshape((b, hq, sq))?;
-    let o = p
-        .matmul(&sc.vh)?
-        .reshape((b, hq, sq, d))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    Ok(AttentionOut {
-        out: Tensor::from_cpu(o),
-        lse: Tensor::from_cpu(lse),
-    })
+    softmax_out(dims, &sc)
 }
 
 /// Backward of [`attention_fwd_indexed`]: `dq [b, sq, hq, d]`, `dk, dv [b, sk, hkv, d]` (the maths of
@@ -481,43 +514,8 @@ pub fn attention_bwd_indexed(
         });
     }
     let dims = check_indexed(op, q, k, v, index)?;
-    let IDims {
-        b,
-        sq,
-        sk,
-        hq,
-        hkv,
-        d,
-    } = dims;
-    let g = hq / hkv;
-    dout.expect_shape(op, "dout", q.shape())?;
-    out.expect_shape(op, "out", q.shape())?;
-    lse.expect_shape(op, "lse", &[b, hq, sq])?;
-    Tensor::common_device(op, &[q, dout, out, lse])?;
-    let sc = scores_indexed(op, dims, q, k, v, index, scale)?;
-    let lse5 = lse.cpu()?.reshape((b, hkv, g, sq, 1))?;
-    let p =
-        sc.s.broadcast_sub(&lse5)?
-            .exp()?
-            .reshape((b, hkv, g * sq, sk))?; // P, rebuilt
-    let doh = heads_major(dout)?.reshape((b, hkv, g * sq, d))?;
-    let oh = heads_major(out)?.reshape((b, hkv, g * sq, d))?;
-    let dv = p.t()?.matmul(&doh)?; // [b, hkv, sk, d], summed over the group
-    let dp = doh.matmul(&sc.vh.t()?)?; // [b, hkv, g·sq, sk]
-    let di = doh.mul(&oh)?.sum_keepdim(3)?; // [b, hkv, g·sq, 1]
-    let ds = p.mul(&dp.broadcast_sub(&di)?)?;
-    let dq = ds.matmul(&sc.kh)?.affine(scale as f64, 0.0)?; // [b, hkv, g·sq, d]
-    let dk = ds.t()?.matmul(&sc.qh)?.affine(scale as f64, 0.0)?; // [b, hkv, sk, d]
-    let token_major = |t: candle_core::Tensor, h: usize, s: usize| -> Result<Tensor> {
-        Ok(Tensor::from_cpu(
-            t.reshape((b, h, s, d))?.transpose(1, 2)?.contiguous()?,
-        ))
-    };
-    Ok(AttentionGrads {
-        dq: token_major(dq, hq, sq)?,
-        dk: token_major(dk, hkv, sk)?,
-        dv: token_major(dv, hkv, sk)?,
-    })
+    let sc = || scores_indexed(op, dims, q, k, v, index, scale);
+    softmax_out_bwd(op, dims, sc, q, dout, out, lse, scale)
 }
 
 #[cfg(test)]

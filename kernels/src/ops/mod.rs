@@ -12,7 +12,7 @@
 //! | [`swiglu`] | `silu(gate)·up` | `dgate`, `dup` |
 //! | [`attention`] | causal GQA attention with segments; indexed variant (query subset vs placed keys, CP) | `dq`, `dk`, `dv` |
 //! | [`embedding`] | row lookup | scatter-add |
-//! | [`cross_entropy`] | weighted mean CE | `dlogits` (same pass) |
+//! | [`cross_entropy`] | weighted mean CE; per-row statistics of one vocabulary shard (vocab-parallel CE) | `dlogits` (same pass); the shard's `dlogits` from the global `lse` |
 //! | [`router`] | softmax top-k router, aux-loss statistics | `dlogits` |
 //! | [`moe`] | token permute / weighted unpermute | scatter-add / `dyp`, `dweights` |
 //!
@@ -34,7 +34,10 @@ pub use attention::{
     AttentionGrads, AttentionIndex, AttentionOut, attention_bwd, attention_bwd_indexed, attention_fwd,
     attention_fwd_indexed,
 };
-pub use cross_entropy::{CrossEntropyOut, cross_entropy_fwd_bwd, cross_entropy_per_token};
+pub use cross_entropy::{
+    CrossEntropyOut, NOT_OWNED, VocabShardStats, cross_entropy_fwd_bwd, cross_entropy_per_token,
+    vocab_shard_grad, vocab_shard_stats,
+};
 pub use embedding::{embedding_bwd, embedding_fwd};
 pub use linear::{
     LinearGrads, grouped_linear_bwd, grouped_linear_fwd, linear_bwd, linear_fwd, matmul,

@@ -8,8 +8,13 @@
 //!   │     └── Transport (trait): send bytes to a global rank / receive bytes from one, tagged
 //!   │           ├── ThreadTransport   in-process, one endpoint per thread (tests)
 //!   │           └── TcpTransport      full TCP mesh between rank processes (CPU runs, development)
-//!   └── NcclCommunicator     device buffers (`DeviceBuffer`), its own CUDA stream — see [`nccl`]
+//!   ├── NcclCommunicator     device buffers (`DeviceBuffer`), its own CUDA stream — see [`nccl`]
+//!   └── NcclGroup            host slices staged through NCCL + `device()` = its NcclCommunicator — see [`tensor`]
 //! ```
+//!
+//! [`tensor`] runs collectives on `qkernels::Tensor`s: through NCCL when the tensor is on a GPU and the group has
+//! a device side ([`Communicator::device`]), through the host slices otherwise — what the tensor/sequence/data
+//! parallel code calls.
 //!
 //! # Use in a rank process
 //!
@@ -104,6 +109,7 @@
 mod cpu;
 pub mod nccl;
 mod tcp;
+pub mod tensor;
 mod transport;
 
 use std::fmt;
@@ -113,8 +119,11 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use cpu::{CpuCommunicator, DEFAULT_TIMEOUT};
-pub use nccl::{DeviceBuffer, MemIdStore, NcclCommunicator, NcclError, NcclIdStore, nccl_available};
+pub use nccl::{
+    DeviceBuffer, MemIdStore, NcclCommunicator, NcclError, NcclIdStore, nccl_available,
+};
 pub use tcp::TcpTransport;
+pub use tensor::{NcclGroup, TensorCommError};
 pub use transport::{Tag, ThreadTransport, Transport};
 
 /// Errors of communicators and transports. Ranks are **global** ranks unless the field says otherwise.
@@ -360,6 +369,12 @@ pub trait Communicator<B: ?Sized + CommBuffer = [f32]>: Send + Sync {
     /// Collective over this communicator: every member calls it, in the same order relative to other `split`s,
     /// with the same `groups` (checked). A rank's position in its list is its group rank.
     fn split(&self, groups: &[Vec<usize>]) -> CommResult<Box<dyn Communicator<B>>>;
+
+    /// The device-buffer communicator of the *same* group, when this one has a device side ([`NcclGroup`]); the
+    /// tensor collectives of [`tensor`] use it for tensors on a GPU. `None` (the default) for host-only groups.
+    fn device(&self) -> Option<&dyn Communicator<DeviceBuffer>> {
+        None
+    }
 }
 
 /// Convenience wrappers that allocate their result, for host slices.

@@ -103,11 +103,15 @@ impl NcclError {
     /// The [`CommError`] this becomes through the trait (`me` = the caller's global rank, see the module docs).
     pub fn into_comm_error(self, me: usize) -> CommError {
         match self {
-            NcclError::LibraryMissing(_) | NcclError::Device { .. } | NcclError::Rendezvous { .. } => {
-                CommError::Connect(self.to_string())
-            }
+            NcclError::LibraryMissing(_)
+            | NcclError::Device { .. }
+            | NcclError::Rendezvous { .. } => CommError::Connect(self.to_string()),
             NcclError::InvalidArgument { op, detail } => CommError::InvalidArgument { op, detail },
-            NcclError::Timeout { op, after } => CommError::Timeout { peer: me, op, after },
+            NcclError::Timeout { op, after } => CommError::Timeout {
+                peer: me,
+                op,
+                after,
+            },
             NcclError::Aborted(m) => CommError::Aborted(m),
             other => CommError::Aborted(other.to_string()),
         }
@@ -131,7 +135,9 @@ type IdMap = std::collections::HashMap<String, Vec<u8>>;
 impl NcclIdStore for MemIdStore {
     fn put(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
         let (m, cv) = &*self.0;
-        m.lock().map_err(|e| e.to_string())?.insert(key.to_string(), value.to_vec());
+        m.lock()
+            .map_err(|e| e.to_string())?
+            .insert(key.to_string(), value.to_vec());
         cv.notify_all();
         Ok(())
     }
@@ -142,7 +148,9 @@ impl NcclIdStore for MemIdStore {
         let (g, _) = cv
             .wait_timeout_while(g, timeout, |map| !map.contains_key(key))
             .map_err(|e| e.to_string())?;
-        g.get(key).cloned().ok_or_else(|| format!("key {key:?} not set within {timeout:?}"))
+        g.get(key)
+            .cloned()
+            .ok_or_else(|| format!("key {key:?} not set within {timeout:?}"))
     }
 }
 
@@ -188,7 +196,9 @@ fn error_string(code: nc::ncclResult_t, comm: Option<nc::ncclComm_t>) -> String 
         // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code; ncclGetLastError takes
         // a live communicator (or null) and returns a NUL-terminated string owned by NCCL.
         unsafe {
-            let mut s = CStr::from_ptr(nc::ncclGetErrorString(code)).to_string_lossy().into_owned();
+            let mut s = CStr::from_ptr(nc::ncclGetErrorString(code))
+                .to_string_lossy()
+                .into_owned();
             let last = nc::ncclGetLastError(comm.unwrap_or(std::ptr::null_mut()));
             if !last.is_null() {
                 let l = CStr::from_ptr(last).to_string_lossy();
@@ -202,7 +212,11 @@ fn error_string(code: nc::ncclResult_t, comm: Option<nc::ncclComm_t>) -> String 
     .unwrap_or_else(|_| format!("{code:?}"))
 }
 
-fn check(op: &'static str, rc: nc::ncclResult_t, comm: Option<nc::ncclComm_t>) -> Result<(), NcclError> {
+fn check(
+    op: &'static str,
+    rc: nc::ncclResult_t,
+    comm: Option<nc::ncclComm_t>,
+) -> Result<(), NcclError> {
     match rc {
         nc::ncclResult_t::ncclSuccess | nc::ncclResult_t::ncclInProgress => Ok(()),
         code => Err(NcclError::Nccl {
@@ -297,7 +311,10 @@ impl DeviceBuffer {
         let r = match self.dtype() {
             KDType::F32 => dev.htod(self.ptr(), data),
             KDType::BF16 => {
-                let h: Vec<u16> = data.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                let h: Vec<u16> = data
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
                 dev.htod(self.ptr(), &h)
             }
             KDType::U32 => {
@@ -322,12 +339,16 @@ impl DeviceBuffer {
             }
             KDType::BF16 => {
                 let mut h = vec![0u16; n];
-                dev.dtoh(&mut h, self.ptr())
-                    .map(|_| h.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
+                dev.dtoh(&mut h, self.ptr()).map(|_| {
+                    h.into_iter()
+                        .map(|b| half::bf16::from_bits(b).to_f32())
+                        .collect()
+                })
             }
             KDType::U32 => {
                 let mut h = vec![0u32; n];
-                dev.dtoh(&mut h, self.ptr()).map(|_| h.into_iter().map(|b| b as f32).collect())
+                dev.dtoh(&mut h, self.ptr())
+                    .map(|_| h.into_iter().map(|b| b as f32).collect())
             }
         };
         r.map_err(|e| NcclError::Cuda {
@@ -348,7 +369,8 @@ impl DeviceBuffer {
         })?;
         // SAFETY: the storage owns at least `bytes()` bytes at `ptr()`; the memset is on the device's stream,
         // ordered with every other use of the buffer.
-        unsafe { dr::memset_d8_async(self.ptr(), 0xFF, self.bytes(), dev.stream()) }.map_err(cuda("memset"))
+        unsafe { dr::memset_d8_async(self.ptr(), 0xFF, self.bytes(), dev.stream()) }
+            .map_err(cuda("memset"))
     }
 
     /// Copies `src` (same length and dtype) into this buffer, stream-ordered.
@@ -466,7 +488,10 @@ impl NcclCommunicator {
             let bytes = store.get(&key, timeout).map_err(rendezvous)?;
             let mut id = nc::ncclUniqueId { internal: [0; 128] };
             if bytes.len() != id.internal.len() {
-                return Err(rendezvous(format!("unique id of {} bytes, expected 128", bytes.len())));
+                return Err(rendezvous(format!(
+                    "unique id of {} bytes, expected 128",
+                    bytes.len()
+                )));
             }
             for (d, s) in id.internal.iter_mut().zip(&bytes) {
                 *d = *s as _;
@@ -497,11 +522,12 @@ impl NcclCommunicator {
                 op: "bind",
                 detail: e.to_string(),
             })?;
-            let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking).map_err(cuda("cuStreamCreate"))?;
-            let ev_compute =
-                dr::event::create(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(cuda("cuEventCreate"))?;
-            let ev_comm =
-                dr::event::create(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(cuda("cuEventCreate"))?;
+            let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking)
+                .map_err(cuda("cuStreamCreate"))?;
+            let ev_compute = dr::event::create(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(cuda("cuEventCreate"))?;
+            let ev_comm = dr::event::create(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(cuda("cuEventCreate"))?;
             let scratch = DeviceBuffer::alloc(dev.ordinal(), 1, KDType::F32)?;
             Ok((stream, ev_compute, ev_comm, scratch))
         })();
@@ -515,7 +541,10 @@ impl NcclCommunicator {
         };
         Ok(NcclCommunicator {
             dev,
-            state: Mutex::new(State { comm, aborted: None }),
+            state: Mutex::new(State {
+                comm,
+                aborted: None,
+            }),
             stream,
             ev_compute,
             ev_comm,
@@ -570,16 +599,25 @@ impl NcclCommunicator {
             })?;
             // SAFETY: both streams and both events are live handles of this context.
             unsafe {
-                dr::event::record(self.ev_compute, self.dev.stream()).map_err(cuda("cuEventRecord"))?;
-                dr::stream::wait_event(self.stream, self.ev_compute, cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-                    .map_err(cuda("cuStreamWaitEvent"))?;
+                dr::event::record(self.ev_compute, self.dev.stream())
+                    .map_err(cuda("cuEventRecord"))?;
+                dr::stream::wait_event(
+                    self.stream,
+                    self.ev_compute,
+                    cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(cuda("cuStreamWaitEvent"))?;
             }
             enqueue(st.comm, self.stream as nc::cudaStream_t)?;
             // SAFETY: as above.
             unsafe {
                 dr::event::record(self.ev_comm, self.stream).map_err(cuda("cuEventRecord"))?;
-                dr::stream::wait_event(self.dev.stream(), self.ev_comm, cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-                    .map_err(cuda("cuStreamWaitEvent"))?;
+                dr::stream::wait_event(
+                    self.dev.stream(),
+                    self.ev_comm,
+                    cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(cuda("cuStreamWaitEvent"))?;
             }
             Ok(())
         })();
@@ -675,19 +713,37 @@ impl NcclCommunicator {
         self.run("ncclAllReduce", |c, s| {
             // SAFETY: `p` addresses `n` elements of `t` (the buffer's invariant), valid until the compute stream
             // (which waits for this call) frees it.
-            let rc = unsafe { nc::ncclAllReduce(p as *const c_void, p as *mut c_void, n, t, nccl_op(op), c, s) };
+            let rc = unsafe {
+                nc::ncclAllReduce(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    n,
+                    t,
+                    nccl_op(op),
+                    c,
+                    s,
+                )
+            };
             check("ncclAllReduce", rc, Some(c))
         })
     }
 
     /// [`Communicator::all_gather`] with the typed error.
-    pub fn all_gather_dev(&self, input: &DeviceBuffer, output: &mut DeviceBuffer) -> Result<(), NcclError> {
+    pub fn all_gather_dev(
+        &self,
+        input: &DeviceBuffer,
+        output: &mut DeviceBuffer,
+    ) -> Result<(), NcclError> {
         Self::same_dtype("all_gather", input, output)?;
         let m = input.len();
         if output.len() != m * self.size() {
             return Err(NcclError::InvalidArgument {
                 op: "all_gather",
-                detail: format!("output of {} elements for {} ranks × {m}", output.len(), self.size()),
+                detail: format!(
+                    "output of {} elements for {} ranks × {m}",
+                    output.len(),
+                    self.size()
+                ),
             });
         }
         if m == 0 {
@@ -725,12 +781,19 @@ impl NcclCommunicator {
         if l == 0 {
             return Ok(());
         }
-        let (i, o, t, es) = (input.ptr(), output.ptr(), nccl_dtype(input.dtype()), input.dtype().size_in_bytes());
+        let (i, o, t, es) = (
+            input.ptr(),
+            output.ptr(),
+            nccl_dtype(input.dtype()),
+            input.dtype().size_in_bytes(),
+        );
         let red = nccl_op(op);
         if l % n == 0 {
             return self.run("ncclReduceScatter", |c, s| {
                 // SAFETY: `i` holds `l` elements, `o` holds `l / n` (checked above).
-                let rc = unsafe { nc::ncclReduceScatter(i as *const c_void, o as *mut c_void, l / n, t, red, c, s) };
+                let rc = unsafe {
+                    nc::ncclReduceScatter(i as *const c_void, o as *mut c_void, l / n, t, red, c, s)
+                };
                 check("ncclReduceScatter", rc, Some(c))
             });
         }
@@ -788,10 +851,17 @@ impl NcclCommunicator {
                 recv_counts.len()
             )));
         }
-        if send_counts.iter().sum::<usize>() != input.len() || recv_counts.iter().sum::<usize>() != output.len() {
+        if send_counts.iter().sum::<usize>() != input.len()
+            || recv_counts.iter().sum::<usize>() != output.len()
+        {
             return Err(bad("counts do not add up to the buffer lengths".into()));
         }
-        let (i, o, t, es) = (input.ptr(), output.ptr(), nccl_dtype(input.dtype()), input.dtype().size_in_bytes());
+        let (i, o, t, es) = (
+            input.ptr(),
+            output.ptr(),
+            nccl_dtype(input.dtype()),
+            input.dtype().size_in_bytes(),
+        );
         self.run("ncclSend/ncclRecv (all_to_all_v)", |c, s| {
             // SAFETY: group calls have no preconditions.
             check("ncclGroupStart", unsafe { nc::ncclGroupStart() }, Some(c))?;
@@ -801,14 +871,28 @@ impl NcclCommunicator {
                 if send_counts[q] > 0 && res.is_ok() {
                     // SAFETY: `[so, so + send_counts[q])` lies inside the input (the counts add up to its length).
                     let rc = unsafe {
-                        nc::ncclSend((i + (so * es) as u64) as *const c_void, send_counts[q], t, q as i32, c, s)
+                        nc::ncclSend(
+                            (i + (so * es) as u64) as *const c_void,
+                            send_counts[q],
+                            t,
+                            q as i32,
+                            c,
+                            s,
+                        )
                     };
                     res = check("ncclSend", rc, Some(c));
                 }
                 if recv_counts[q] > 0 && res.is_ok() {
                     // SAFETY: as above for the output.
                     let rc = unsafe {
-                        nc::ncclRecv((o + (ro * es) as u64) as *mut c_void, recv_counts[q], t, q as i32, c, s)
+                        nc::ncclRecv(
+                            (o + (ro * es) as u64) as *mut c_void,
+                            recv_counts[q],
+                            t,
+                            q as i32,
+                            c,
+                            s,
+                        )
                     };
                     res = check("ncclRecv", rc, Some(c));
                 }
@@ -830,7 +914,9 @@ impl NcclCommunicator {
         let (p, n, t) = (buf.ptr(), buf.len(), nccl_dtype(buf.dtype()));
         self.run("ncclBroadcast", |c, s| {
             // SAFETY: `p` holds `n` elements.
-            let rc = unsafe { nc::ncclBroadcast(p as *const c_void, p as *mut c_void, n, t, root, c, s) };
+            let rc = unsafe {
+                nc::ncclBroadcast(p as *const c_void, p as *mut c_void, n, t, root, c, s)
+            };
             check("ncclBroadcast", rc, Some(c))
         })
     }
@@ -868,7 +954,17 @@ impl NcclCommunicator {
         let (p, t) = (self.scratch.ptr(), nccl_dtype(KDType::F32));
         self.run("ncclAllReduce (barrier)", |c, s| {
             // SAFETY: the scratch buffer holds one f32 and lives as long as `self`.
-            let rc = unsafe { nc::ncclAllReduce(p as *const c_void, p as *mut c_void, 1, t, nc::ncclRedOp_t::ncclSum, c, s) };
+            let rc = unsafe {
+                nc::ncclAllReduce(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    1,
+                    t,
+                    nc::ncclRedOp_t::ncclSum,
+                    c,
+                    s,
+                )
+            };
             check("ncclAllReduce", rc, Some(c))
         })?;
         self.synchronize()
@@ -877,12 +973,18 @@ impl NcclCommunicator {
     /// [`Communicator::split`] with the typed error (the concrete type).
     pub fn split_dev(&self, groups: &[Vec<usize>]) -> Result<NcclCommunicator, NcclError> {
         let me = self.me();
-        let bad = |detail: String| NcclError::InvalidArgument { op: "split", detail };
+        let bad = |detail: String| NcclError::InvalidArgument {
+            op: "split",
+            detail,
+        };
         let mut seen = std::collections::HashSet::new();
         for g in groups {
             for r in g {
                 if !self.global_ranks.contains(r) {
-                    return Err(bad(format!("rank {r} is not a member of {:?}", self.global_ranks)));
+                    return Err(bad(format!(
+                        "rank {r} is not a member of {:?}",
+                        self.global_ranks
+                    )));
                 }
                 if !seen.insert(*r) {
                     return Err(bad(format!("rank {r} is in two groups")));
@@ -905,7 +1007,8 @@ impl NcclCommunicator {
         let (color, key) = found.map(|(c, k)| (c as i32, k as i32)).unwrap_or((-1, 0));
         let mut newcomm: nc::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `st.comm` is live; `newcomm` is a valid out-pointer; a null config inherits the parent's.
-        let rc = unsafe { nc::ncclCommSplit(st.comm, color, key, &mut newcomm, std::ptr::null_mut()) };
+        let rc =
+            unsafe { nc::ncclCommSplit(st.comm, color, key, &mut newcomm, std::ptr::null_mut()) };
         if let Err(e) = check("ncclCommSplit", rc, Some(st.comm)) {
             Self::abort(&mut st, e.to_string());
             return Err(e);
@@ -914,7 +1017,13 @@ impl NcclCommunicator {
         let Some((ci, k)) = found else {
             return Err(bad(format!("rank {me} is in none of the groups")));
         };
-        Self::with_comm(self.dev.clone(), newcomm, k, groups[ci].clone(), self.timeout)
+        Self::with_comm(
+            self.dev.clone(),
+            newcomm,
+            k,
+            groups[ci].clone(),
+            self.timeout,
+        )
     }
 }
 
@@ -963,15 +1072,23 @@ impl Communicator<DeviceBuffer> for NcclCommunicator {
     }
 
     fn all_reduce(&self, buf: &mut DeviceBuffer, op: ReduceOp) -> CommResult<()> {
-        self.all_reduce_dev(buf, op).map_err(|e| e.into_comm_error(self.me()))
+        self.all_reduce_dev(buf, op)
+            .map_err(|e| e.into_comm_error(self.me()))
     }
 
     fn all_gather(&self, input: &DeviceBuffer, output: &mut DeviceBuffer) -> CommResult<()> {
-        self.all_gather_dev(input, output).map_err(|e| e.into_comm_error(self.me()))
+        self.all_gather_dev(input, output)
+            .map_err(|e| e.into_comm_error(self.me()))
     }
 
-    fn reduce_scatter(&self, input: &DeviceBuffer, output: &mut DeviceBuffer, op: ReduceOp) -> CommResult<()> {
-        self.reduce_scatter_dev(input, output, op).map_err(|e| e.into_comm_error(self.me()))
+    fn reduce_scatter(
+        &self,
+        input: &DeviceBuffer,
+        output: &mut DeviceBuffer,
+        op: ReduceOp,
+    ) -> CommResult<()> {
+        self.reduce_scatter_dev(input, output, op)
+            .map_err(|e| e.into_comm_error(self.me()))
     }
 
     fn all_to_all_v(
@@ -986,15 +1103,18 @@ impl Communicator<DeviceBuffer> for NcclCommunicator {
     }
 
     fn broadcast(&self, buf: &mut DeviceBuffer, root: usize) -> CommResult<()> {
-        self.broadcast_dev(buf, root).map_err(|e| e.into_comm_error(self.me()))
+        self.broadcast_dev(buf, root)
+            .map_err(|e| e.into_comm_error(self.me()))
     }
 
     fn send(&self, buf: &DeviceBuffer, peer: usize) -> CommResult<()> {
-        self.send_dev(buf, peer).map_err(|e| e.into_comm_error(self.me()))
+        self.send_dev(buf, peer)
+            .map_err(|e| e.into_comm_error(self.me()))
     }
 
     fn recv(&self, buf: &mut DeviceBuffer, peer: usize) -> CommResult<()> {
-        self.recv_dev(buf, peer).map_err(|e| e.into_comm_error(self.me()))
+        self.recv_dev(buf, peer)
+            .map_err(|e| e.into_comm_error(self.me()))
     }
 
     fn barrier(&self) -> CommResult<()> {
@@ -1019,7 +1139,15 @@ mod tests {
         if nccl_available() && qkernels::cuda::device_count() > 0 {
             return; // a real GPU machine: the examples cover it
         }
-        let err = NcclCommunicator::init(0, 0, vec![0], "world", &mut store, Duration::from_millis(10)).unwrap_err();
+        let err = NcclCommunicator::init(
+            0,
+            0,
+            vec![0],
+            "world",
+            &mut store,
+            Duration::from_millis(10),
+        )
+        .unwrap_err();
         assert!(
             matches!(err, NcclError::LibraryMissing(_) | NcclError::Device { .. }),
             "{err}"
@@ -1034,7 +1162,9 @@ mod tests {
     #[test]
     fn bad_rank_is_rejected_before_loading_anything() {
         let mut store = MemIdStore::default();
-        let err = NcclCommunicator::init(0, 3, vec![0, 1], "g", &mut store, Duration::from_millis(10)).unwrap_err();
+        let err =
+            NcclCommunicator::init(0, 3, vec![0, 1], "g", &mut store, Duration::from_millis(10))
+                .unwrap_err();
         assert!(matches!(err, NcclError::InvalidArgument { .. }), "{err}");
     }
 
@@ -1046,6 +1176,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         a.put("nccl/world", &[7u8; 128]).unwrap();
         assert_eq!(t.join().unwrap().unwrap(), vec![7u8; 128]);
-        assert!(a.get("nccl/none", Duration::from_millis(10)).unwrap_err().contains("nccl/none"));
+        assert!(
+            a.get("nccl/none", Duration::from_millis(10))
+                .unwrap_err()
+                .contains("nccl/none")
+        );
     }
 }

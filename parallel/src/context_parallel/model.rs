@@ -24,7 +24,8 @@ use crate::expert_parallel::{
 use crate::model::attention::{AttentionCore, AttentionSaved, LocalAttention};
 use crate::model::layer::{LayerCtx, rope_and_segments};
 use crate::model::mlp::MlpSaved;
-use crate::model::moe::AuxLossGrad;
+use crate::model::moe::{AuxLossGrad, all_reduce_router_stats};
+use crate::model::params::{NamedMismatch, fill_from_named};
 use crate::model::{Batch, DecoderLayer, Ffn, ModelConfig, NamedTensors, Qwen3Params, SparseMoe};
 use crate::optim::AdamWConfig;
 use crate::tensor_parallel::split_batch_rows;
@@ -427,25 +428,25 @@ impl CpEpModel {
     /// Gradients by name in the container of this rank's parameters (shapes checked).
     pub fn grads_as_params(&self, grads: &NamedTensors) -> Result<Qwen3Params> {
         let mut out = self.params.clone();
-        let mut err = None;
-        out.visit_mut(&mut |name, t| match grads.get(&name) {
-            Some(g) if g.shape() == t.shape() => *t = g.clone(),
-            other => {
-                err.get_or_insert(CpError::Shard {
-                    detail: match other {
-                        Some(g) => {
-                            format!("gradient shape {:?}, parameter {:?}", g.shape(), t.shape())
-                        }
-                        None => "no gradient".into(),
-                    },
-                    name,
-                });
+        fill_from_named(grads, |f| out.visit_mut(f))
+            .map_err(|NamedMismatch { name, detail }| CpError::Shard { name, detail })?;
+        Ok(out)
+    }
+
+    /// Slices tensors laid out like the full (HF-layout) parameters — the weights, or per-parameter state such as a
+    /// checkpoint's AdamW moments — exactly as this rank's parameters were sliced: everything replicated but the
+    /// MoE experts, which become this rank's [`ExpertLayout`] shards (no communication). The inverse of
+    /// [`gather_full`](Self::gather_full).
+    pub fn local_from_full(&self, full: &Qwen3Params) -> Result<Qwen3Params> {
+        let mut params = full.clone();
+        if let Some(layout) = &self.experts {
+            for l in &mut params.layers {
+                if let Ffn::Moe(m) = &l.mlp {
+                    l.mlp = Ffn::Moe(shard_moe(m, layout)?);
+                }
             }
-        });
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
         }
+        Ok(params)
     }
 
     /// The full (HF-layout) parameters. Collective over the etp-ep group.
@@ -631,27 +632,13 @@ impl CpEpModel {
         let Some(moe) = &self.config.moe else {
             return Ok(None);
         };
-        let e = moe.num_experts;
-        let mut s = RouterStats::new(e);
+        let mut s = RouterStats::new(moe.num_experts);
         for a in layers {
             if let FfnSaved::Moe(m) = &a.ffn {
                 s.merge(m.stats())?;
             }
         }
-        let g = &*self.groups.dp_cp;
-        if g.size() > 1 {
-            let mut buf: Vec<f32> = s
-                .assignments
-                .iter()
-                .chain(&s.prob_sums)
-                .chain(std::iter::once(&s.rows))
-                .map(|&v| v as f32)
-                .collect();
-            g.all_reduce(&mut buf, ReduceOp::Sum)?;
-            s.assignments = buf[..e].iter().map(|&v| v as f64).collect();
-            s.prob_sums = buf[e..2 * e].iter().map(|&v| v as f64).collect();
-            s.rows = buf[2 * e] as f64;
-        }
+        all_reduce_router_stats(&mut s, &*self.groups.dp_cp)?;
         Ok(Some(s))
     }
 

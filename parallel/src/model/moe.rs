@@ -12,7 +12,8 @@
 //! backward to `dlogits`, then to `dxn` and the router weight gradient. The top-k indices are constants.
 //!
 //! The aux loss needs statistics over all MoE layers, so the forward returns this layer's [`RouterStats`] and
-//! the backward takes the merged ones (see [`qkernels::ops::router`]).
+//! the backward takes the merged ones (see [`qkernels::ops::router`]); the distributed drivers first sum them over
+//! the ranks that saw other tokens ([`all_reduce_router_stats`]).
 
 use qkernels::Tensor;
 use qkernels::ops::{self, MoePlan, RouterOut, RouterStats};
@@ -27,6 +28,31 @@ pub struct AuxLossGrad<'a> {
     pub stats: &'a RouterStats,
     /// `router_aux_loss_coef` (times the upstream gradient of the total loss, 1 for plain training).
     pub coef: f64,
+}
+
+/// Sums `s` over `group`, whose ranks saw different tokens: routing statistics are sums over tokens, so the sum over
+/// every such rank is the statistics of all their tokens (what the distributed drivers need before any backward).
+/// Collective over `group`; no-op for a group of one.
+pub fn all_reduce_router_stats(
+    s: &mut RouterStats,
+    group: &dyn crate::comm::Communicator,
+) -> std::result::Result<(), crate::comm::CommError> {
+    if group.size() == 1 {
+        return Ok(());
+    }
+    let e = s.assignments.len();
+    let mut buf: Vec<f32> = s
+        .assignments
+        .iter()
+        .chain(&s.prob_sums)
+        .chain(std::iter::once(&s.rows))
+        .map(|&v| v as f32)
+        .collect();
+    group.all_reduce(&mut buf, crate::comm::ReduceOp::Sum)?;
+    s.assignments = buf[..e].iter().map(|&v| v as f64).collect();
+    s.prob_sums = buf[e..2 * e].iter().map(|&v| v as f64).collect();
+    s.rows = buf[2 * e] as f64;
+    Ok(())
 }
 
 /// What [`SparseMoe::forward`] keeps for its backward.
@@ -136,7 +162,9 @@ impl SparseMoe {
         let dlogits = ops::router_bwd(&dweight, dprobs.as_ref(), &saved.routing, norm_topk_prob)?
             .to_dtype(saved.xn.dtype())?; // router maths is f32; the GEMM takes the activations' dtype
         let g_router = ops::linear_bwd(&dlogits, &saved.xn, &self.gate)?;
-        let dxn = dxn_experts.to_dtype(g_router.dx.dtype())?.add(&g_router.dx)?; // scatter-add is f32
+        let dxn = dxn_experts
+            .to_dtype(g_router.dx.dtype())?
+            .add(&g_router.dx)?; // scatter-add is f32
 
         let experts = d_gate
             .into_iter()

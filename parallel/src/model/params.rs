@@ -4,7 +4,8 @@
 //! gradients (a gradient has its parameter's shape and name), `T = Vec<usize>` for the shape spec that
 //! [`param_shapes`] derives from a config. One builder ([`Qwen3Params::build`]) walks the config in HF order and
 //! asks a closure for each `(name, shape)`, so loading, random initialisation and the spec can never disagree
-//! on a name.
+//! on a name. [`fill_from_named`] fills any container's slots from tensors keyed by name (gradients into a
+//! rank's parameter container), checking shapes.
 //!
 //! HF names (with `{i}` the layer, `{e}` the expert):
 //! - `model.embed_tokens.weight [vocab, hidden]`, `model.norm.weight [hidden]`, `lm_head.weight [vocab, hidden]`
@@ -28,6 +29,38 @@ use crate::hf::{HostTensor, TensorMap};
 
 /// Tensors keyed by HF name.
 pub type NamedTensors = BTreeMap<String, Tensor>;
+
+/// A parameter slot that [`fill_from_named`] could not fill: no tensor of its name, or one of another shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedMismatch {
+    /// The HF name of the slot.
+    pub name: String,
+    /// What was wrong (`no gradient`, or both shapes).
+    pub detail: String,
+}
+
+/// Overwrites every slot that `visit_mut` walks with the tensor of its name in `named` (e.g. gradients by name
+/// into a clone of a rank's parameter container, whatever its kind), checking each shape against the slot's.
+/// Every slot is visited; the first mismatch is returned.
+pub fn fill_from_named(
+    named: &NamedTensors,
+    visit_mut: impl FnOnce(&mut dyn FnMut(String, &mut Tensor)),
+) -> std::result::Result<(), NamedMismatch> {
+    let mut err = None;
+    visit_mut(&mut |name, t| match named.get(&name) {
+        Some(g) if g.shape() == t.shape() => *t = g.clone(),
+        other => {
+            err.get_or_insert(NamedMismatch {
+                detail: match other {
+                    Some(g) => format!("gradient shape {:?}, parameter {:?}", g.shape(), t.shape()),
+                    None => "no gradient".into(),
+                },
+                name,
+            });
+        }
+    });
+    err.map_or(Ok(()), Err)
+}
 
 /// Self-attention weights of one layer (`self_attn.*`).
 #[derive(Debug, Clone)]

@@ -207,7 +207,8 @@ fn adamw_kernel(
     exp_avg: &mut [f32],
     exp_avg_sq: &mut [f32],
 ) {
-    let scalars = qkernels::ops::AdamWScalars::new(cfg.beta1, cfg.beta2, cfg.eps, lr, weight_decay, step);
+    let scalars =
+        qkernels::ops::AdamWScalars::new(cfg.beta1, cfg.beta2, cfg.eps, lr, weight_decay, step);
     qkernels::ops::adamw_update_host(&scalars, 1.0, param, grad, exp_avg, exp_avg_sq);
 }
 

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use qkernels::{DType, Tensor, ops};
 
 use super::{AdamWConfig, OptimError, clip_coefficient, decays};
-use crate::model::{NamedTensors, Qwen3Model};
+use crate::model::{NamedTensors, Qwen3Model, Qwen3Params};
 
 /// Errors of the device optimizer.
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +58,25 @@ pub struct DeviceAdamW {
 impl DeviceAdamW {
     /// Master weights from the model's current parameters (cast to f32 on their device), zero moments.
     /// Matrices get `weight_decay`, 1-D tensors none ([`decays`]).
-    pub fn new(model: &Qwen3Model, config: AdamWConfig, weight_decay: f64) -> Result<Self, DeviceOptimError> {
+    pub fn new(
+        model: &Qwen3Model,
+        config: AdamWConfig,
+        weight_decay: f64,
+    ) -> Result<Self, DeviceOptimError> {
+        Self::for_params(&model.params, config, weight_decay)
+    }
+
+    /// [`new`](Self::new) over any parameter set (a whole model, or one rank's tensor-parallel shard: with data
+    /// parallelism every dp rank keeps the same masters and steps them with the dp-summed gradients).
+    pub fn for_params(
+        params: &Qwen3Params,
+        config: AdamWConfig,
+        weight_decay: f64,
+    ) -> Result<Self, DeviceOptimError> {
         config.validate()?;
         let mut slots = BTreeMap::new();
         let mut err = None;
-        model.params.visit(&mut |name, t| {
+        params.visit(&mut |name, t| {
             if err.is_some() {
                 return;
             }
@@ -86,7 +100,11 @@ impl DeviceAdamW {
         if let Some(e) = err {
             return Err(e.into());
         }
-        Ok(DeviceAdamW { config, slots, steps: 0 })
+        Ok(DeviceAdamW {
+            config,
+            slots,
+            steps: 0,
+        })
     }
 
     /// Optimizer steps taken.
@@ -108,46 +126,90 @@ impl DeviceAdamW {
         lr: f64,
         clip_grad: f64,
     ) -> Result<DeviceStepReport, DeviceOptimError> {
-        if let Some(name) = self.slots.keys().find(|n| !grads.contains_key(*n)) {
-            return Err(DeviceOptimError::MissingGrad { name: name.clone() });
-        }
+        self.check_grads(grads)?;
         let views: Vec<&Tensor> = grads.values().collect();
         let grad_norm = ops::sum_squares(&views)?.sqrt();
+        self.step_params(&mut model.params, grads, lr, clip_grad, grad_norm)
+    }
+
+    /// One step on `params` with a global gradient norm the caller computed (e.g. over a tensor-parallel group,
+    /// each element counted once: [`crate::tensor_parallel::TpModel::grad_norm`]). Same clipping and update as
+    /// [`step`](Self::step).
+    pub fn step_params(
+        &mut self,
+        params: &mut Qwen3Params,
+        grads: &NamedTensors,
+        lr: f64,
+        clip_grad: f64,
+        grad_norm: f64,
+    ) -> Result<DeviceStepReport, DeviceOptimError> {
+        self.check_grads(grads)?;
         if !grad_norm.is_finite() {
             self.steps += 1;
-            return Ok(DeviceStepReport { grad_norm, clip_coef: 1.0, skipped: true });
+            return Ok(DeviceStepReport {
+                grad_norm,
+                clip_coef: 1.0,
+                skipped: true,
+            });
         }
-        let clip_coef = if clip_grad > 0.0 { clip_coefficient(grad_norm, clip_grad) } else { 1.0 };
+        let clip_coef = if clip_grad > 0.0 {
+            clip_coefficient(grad_norm, clip_grad)
+        } else {
+            1.0
+        };
         let t = self.steps + 1;
+        let mut dtypes = BTreeMap::new();
+        params.visit(&mut |name, w| {
+            dtypes.insert(name, w.dtype());
+        });
         let mut new_weights = BTreeMap::new();
         for (name, slot) in self.slots.iter_mut() {
             let g = &grads[name];
-            let g32 = if g.dtype() == DType::F32 { g.clone() } else { g.to_dtype(DType::F32)? };
-            let s = ops::AdamWScalars::new(self.config.beta1, self.config.beta2, self.config.eps, lr, slot.weight_decay, t);
-            let weight_dtype = model_dtype(model, name);
-            let out = ops::adamw_step(&slot.master, &g32, &slot.exp_avg, &slot.exp_avg_sq, &s, clip_coef, weight_dtype)?;
+            let g32 = if g.dtype() == DType::F32 {
+                g.clone()
+            } else {
+                g.to_dtype(DType::F32)?
+            };
+            let s = ops::AdamWScalars::new(
+                self.config.beta1,
+                self.config.beta2,
+                self.config.eps,
+                lr,
+                slot.weight_decay,
+                t,
+            );
+            let weight_dtype = dtypes.get(name).copied().unwrap_or(DType::F32);
+            let out = ops::adamw_step(
+                &slot.master,
+                &g32,
+                &slot.exp_avg,
+                &slot.exp_avg_sq,
+                &s,
+                clip_coef,
+                weight_dtype,
+            )?;
             slot.master = out.master;
             slot.exp_avg = out.exp_avg;
             slot.exp_avg_sq = out.exp_avg_sq;
             new_weights.insert(name.clone(), out.weight);
         }
-        model.params.visit_mut(&mut |name, w| {
+        params.visit_mut(&mut |name, w| {
             if let Some(n) = new_weights.remove(&name) {
                 *w = n;
             }
         });
         self.steps = t;
-        Ok(DeviceStepReport { grad_norm, clip_coef, skipped: false })
+        Ok(DeviceStepReport {
+            grad_norm,
+            clip_coef,
+            skipped: false,
+        })
     }
-}
 
-/// The dtype of the model's parameter `name` (its compute dtype).
-fn model_dtype(model: &Qwen3Model, name: &str) -> DType {
-    let mut d = DType::F32;
-    model.params.visit(&mut |n, t| {
-        if n == name {
-            d = t.dtype();
+    fn check_grads(&self, grads: &NamedTensors) -> Result<(), DeviceOptimError> {
+        match self.slots.keys().find(|n| !grads.contains_key(*n)) {
+            Some(name) => Err(DeviceOptimError::MissingGrad { name: name.clone() }),
+            None => Ok(()),
         }
-    });
-    d
+    }
 }

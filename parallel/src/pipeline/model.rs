@@ -14,7 +14,8 @@ use super::{PipelineError, Result};
 use crate::comm::{Communicator, ReduceOp};
 use crate::dims::{GroupKind, ParallelConfig, ParallelDims};
 use crate::model::layer::{LayerCtx, rope_and_segments};
-use crate::model::moe::AuxLossGrad;
+use crate::model::moe::{AuxLossGrad, all_reduce_router_stats};
+use crate::model::params::{NamedMismatch, fill_from_named};
 use crate::model::{
     Batch, DecoderLayer, ModelConfig, ModelError, NamedTensors, Qwen3Params, param_shapes,
 };
@@ -585,25 +586,22 @@ impl PipelineModel {
     /// Gradients by HF name in the container of this rank's parameters (shapes checked).
     pub fn grads_as_params(&self, grads: &NamedTensors) -> Result<StageParams> {
         let mut out = self.params.clone();
-        let mut err = None;
-        out.visit_mut(&mut |name, t| match grads.get(&name) {
-            Some(g) if g.shape() == t.shape() => *t = g.clone(),
-            other => {
-                err.get_or_insert(PipelineError::Shard {
-                    detail: match other {
-                        Some(g) => {
-                            format!("gradient shape {:?}, parameter {:?}", g.shape(), t.shape())
-                        }
-                        None => "no gradient".into(),
-                    },
-                    name,
-                });
-            }
-        });
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        fill_from_named(grads, |f| out.visit_mut(f))
+            .map_err(|NamedMismatch { name, detail }| PipelineError::Shard { name, detail })?;
+        Ok(out)
+    }
+
+    /// Slices tensors laid out like the full (HF-layout) parameters — the weights, or per-parameter state such as a
+    /// checkpoint's AdamW moments — exactly as this rank's parameters were sliced: its TP shard of its stage's
+    /// tensors (no communication). The inverse of [`gather_full`](Self::gather_full).
+    pub fn local_from_full(&self, full: &Qwen3Params) -> Result<StageParams> {
+        let local = shard_with_plan(&self.plan, full)?;
+        Ok(StageParams::select(
+            local,
+            &self.layout,
+            self.pp_rank,
+            self.config.tie_word_embeddings,
+        ))
     }
 
     /// The full (HF-layout) parameters, gathered over the pipeline and TP groups (collective; every rank gets them).
@@ -906,6 +904,11 @@ impl<'a> Executor<'a> {
         self.m.moe_experts().map_or(0, |e| 2 * e + 1)
     }
 
+    /// Length of one activation or gradient message (what [`encode`](Self::encode) writes).
+    fn msg_len(&self) -> usize {
+        HEADER + self.local_tokens() * self.m.config.hidden_size + self.stats_len()
+    }
+
     fn protocol(&self, a: Action, what: &str) -> PipelineError {
         PipelineError::Protocol(format!("pipeline rank {}: {a:?}: {what}", self.m.pp_rank))
     }
@@ -937,11 +940,7 @@ impl<'a> Executor<'a> {
                 if prev_stage(pp, r, chunk).map(|x| x.0) != Some(from) {
                     return Err(self.protocol(a, "the previous virtual stage is not there"));
                 }
-                let mut buf =
-                    vec![
-                        0f32;
-                        HEADER + self.local_tokens() * self.m.config.hidden_size + self.stats_len()
-                    ];
+                let mut buf = vec![0f32; self.msg_len()];
                 self.m.groups.pp.recv(&mut buf, from)?;
                 let f = self.decode(a, &buf, KIND_ACTIVATION, mb, self.stage(chunk))?;
                 self.acts_in.insert((mb, chunk), f);
@@ -962,11 +961,7 @@ impl<'a> Executor<'a> {
                 if next_stage(pp, vpp, r, chunk).map(|x| x.0) != Some(from) {
                     return Err(self.protocol(a, "the next virtual stage is not there"));
                 }
-                let mut buf =
-                    vec![
-                        0f32;
-                        HEADER + self.local_tokens() * self.m.config.hidden_size + self.stats_len()
-                    ];
+                let mut buf = vec![0f32; self.msg_len()];
                 self.m.groups.pp_grad.recv(&mut buf, from)?;
                 let f = self.decode(a, &buf, KIND_GRAD, mb, self.stage(chunk))?;
                 self.grads_in.insert((mb, chunk), f);
@@ -1017,23 +1012,9 @@ impl<'a> Executor<'a> {
     /// (without SP the TP ranks routed the same tokens) and the DP group.
     fn global_router_stats(&self, mut s: RouterStats) -> Result<RouterStats> {
         let g = &self.m.groups.stage;
-        let mut groups: Vec<&dyn Communicator> = vec![&*g.dp];
+        all_reduce_router_stats(&mut s, &*g.dp)?;
         if self.m.plan.sp {
-            groups.push(&*g.tp);
-        }
-        let e = s.assignments.len();
-        for c in groups.into_iter().filter(|c| c.size() > 1) {
-            let mut buf: Vec<f32> = s
-                .assignments
-                .iter()
-                .chain(&s.prob_sums)
-                .chain(std::iter::once(&s.rows))
-                .map(|&v| v as f32)
-                .collect();
-            c.all_reduce(&mut buf, ReduceOp::Sum)?;
-            s.assignments = buf[..e].iter().map(|&v| v as f64).collect();
-            s.prob_sums = buf[e..2 * e].iter().map(|&v| v as f64).collect();
-            s.rows = buf[2 * e] as f64;
+            all_reduce_router_stats(&mut s, &*g.tp)?;
         }
         Ok(s)
     }

@@ -11,13 +11,14 @@
 //! [`enter`] / [`exit`] pick the pair for a TP region (before a column-parallel / after a row-parallel layer)
 //! from the `sp` flag, so the layer code states *where* a region starts and ends, not *how*.
 //!
-//! Host round trips (`to_vec_f32` → collective → `from_f32`): the CPU communicator moves host slices. A device
-//! communicator will take device views with the same semantics.
+//! Where the data moves: [`crate::comm::tensor`] — through NCCL on device buffers when the tensors live on a GPU
+//! and the group is an [`NcclGroup`](crate::comm::NcclGroup) (bf16 activations stay bf16 on the wire, f32
+//! gradients f32), through the host communicator otherwise (the CPU reference).
 
 use qkernels::Tensor;
 
 use super::{Result, TpError};
-use crate::comm::{Communicator, ReduceOp};
+use crate::comm::{Communicator, ReduceOp, tensor};
 
 fn rows_cols(x: &Tensor) -> Result<(usize, usize)> {
     match x.shape() {
@@ -51,10 +52,8 @@ pub fn reduce_from_tp_region_backward(dy: &Tensor) -> Tensor {
 
 /// SP forward before a column-parallel layer: all-gather row shards `[R/p, C]` into `[R, C]` (rank order).
 pub fn gather_from_sp_region(x: &Tensor, tp: &dyn Communicator) -> Result<Tensor> {
-    let (r, c) = rows_cols(x)?;
-    let mut out = vec![0f32; r * c * tp.size()];
-    tp.all_gather(&x.to_vec_f32()?, &mut out)?;
-    Ok(Tensor::from_f32(out, &[r * tp.size(), c], &x.device())?)
+    rows_cols(x)?;
+    Ok(tensor::all_gather_rows(x, tp)?)
 }
 
 /// Adjoint of [`gather_from_sp_region`]: reduce-scatter `[R, C]` into this rank's summed row shard `[R/p, C]`.
@@ -109,25 +108,18 @@ pub fn exit_backward(dy: &Tensor, tp: &dyn Communicator, sp: bool) -> Result<Ten
     }
 }
 
-/// In-place sum over `comm` of a tensor of any shape (a no-op copy for a group of one).
+/// Sum over `comm` of a tensor of any shape (a clone for a group of one), in the tensor's dtype.
 pub fn all_reduce_sum(x: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
-    if comm.size() == 1 {
-        return Ok(x.clone());
-    }
-    let mut v = x.to_vec_f32()?;
-    comm.all_reduce(&mut v, ReduceOp::Sum)?;
-    Ok(Tensor::from_f32(v, x.shape(), &x.device())?)
+    Ok(tensor::all_reduce(x, comm, ReduceOp::Sum)?)
 }
 
 fn reduce_scatter_rows(x: &Tensor, tp: &dyn Communicator) -> Result<Tensor> {
-    let (r, c) = rows_cols(x)?;
+    let (r, _) = rows_cols(x)?;
     let p = tp.size();
     if !r.is_multiple_of(p) {
         return Err(TpError::TokensNotDivisible { tokens: r, tp: p });
     }
-    let mut out = vec![0f32; r / p * c];
-    tp.reduce_scatter(&x.to_vec_f32()?, &mut out, ReduceOp::Sum)?;
-    Ok(Tensor::from_f32(out, &[r / p, c], &x.device())?)
+    Ok(tensor::reduce_scatter_rows(x, tp, ReduceOp::Sum)?)
 }
 
 /// Row shard `rank` of `[R, C]`: rows `[rank·R/p, (rank+1)·R/p)`.

@@ -73,6 +73,13 @@
 //! `reduce-scatter ∘ … ∘ all-gather` replaces `g ∘ … ∘ f` with the same total traffic: the norms, residual adds
 //! and the MoE block between two TP regions then run on `T/p` tokens per rank instead of all `T` redundantly.
 //!
+//! Where the data moves: [`crate::comm::tensor`]. With CPU tensors (or a host-only group) through the host
+//! communicator; with tensors on a GPU and [`NcclGroup`](crate::comm::NcclGroup)s (e.g. `ParallelGroups::new` over an
+//! `NcclGroup` world) every pair above, the TP gradient reductions and the DP gradient sum
+//! ([`TpModel::reduce_dp_grads`]) run on device buffers through NCCL — activations in their dtype (bf16), gradients
+//! in f32 — and the vocab-parallel cross-entropy runs on the device with only `[T]` vectors on the host
+//! ([`vocab`]). `qcluster-gpu-bench tp-dp-parity` checks tp2, tp2+sp and dp2 on two GPUs against the one-GPU run.
+//!
 //! The SP shard of rank `i` is the contiguous chunk `[i·T/p, (i+1)·T/p)` of the flattened token dimension (with one
 //! row per batch this is Megatron's split of the sequence dimension); `T % p == 0` is required.
 //!
@@ -82,7 +89,8 @@
 //! sum `W` of the *global* batch (all-reduced over DP), so the per-rank gradients *sum* (not average) to the
 //! single-rank gradient, and the MoE routing statistics are all-reduced over DP (and over TP with SP) before the
 //! aux loss, so the aux loss is the global batch's. Gradient reduction over DP happens in the distributed optimizer
-//! ([`crate::zero`]).
+//! ([`crate::zero`], host vectors), or, with a replicated device optimizer ([`crate::optim::DeviceAdamW`]), in
+//! [`TpModel::reduce_dp_grads`] (an all-reduce sum, NCCL on GPUs) followed by [`TpModel::grad_norm`].
 //!
 //! # Limits (what is not here yet)
 //!
@@ -169,6 +177,19 @@ pub enum TpError {
     /// A tensor given as a full or sharded parameter has the wrong shape / count.
     #[error("parameter `{name}`: {detail}")]
     Shard { name: String, detail: String },
+}
+
+impl From<crate::comm::TensorCommError> for TpError {
+    fn from(e: crate::comm::TensorCommError) -> Self {
+        match e {
+            crate::comm::TensorCommError::Comm(c) => TpError::Comm(c),
+            crate::comm::TensorCommError::Kernel(k) => TpError::Model(ModelError::Kernel(k)),
+            crate::comm::TensorCommError::Shape { op, detail } => TpError::Shard {
+                name: op.into(),
+                detail,
+            },
+        }
+    }
 }
 
 impl From<qkernels::KernelError> for TpError {

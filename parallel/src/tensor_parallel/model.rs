@@ -12,7 +12,8 @@ use crate::comm::{Communicator, ReduceOp};
 use crate::dims::{GroupKind, ParallelDims};
 use crate::model::attention::AttentionSaved;
 use crate::model::layer::{FfnSaved, LayerCtx, rope_and_segments};
-use crate::model::moe::AuxLossGrad;
+use crate::model::moe::{AuxLossGrad, all_reduce_router_stats};
+use crate::model::params::{NamedMismatch, fill_from_named};
 use crate::model::{Batch, DecoderLayer, Ffn, ModelConfig, NamedTensors, Qwen3Params, SparseMoe};
 
 /// The communicators one rank needs: its TP group, its DP group and its kv replica group (the TP ranks holding
@@ -305,6 +306,43 @@ impl TpModel {
         }
     }
 
+    /// Slices tensors laid out like the full (HF-layout) parameters — the weights themselves, or per-parameter
+    /// state such as a checkpoint's AdamW moments — exactly as this rank's parameters were sliced (no
+    /// communication). The inverse of [`gather_full`](Self::gather_full).
+    pub fn local_from_full(&self, full: &Qwen3Params) -> Result<Qwen3Params> {
+        shard_with_plan(&self.plan, full)
+    }
+
+    /// Global L2 norm of gradients laid out like this rank's parameters (after the DP reduction,
+    /// [`reduce_dp_grads`](Self::reduce_dp_grads)): each element of the model counted once
+    /// ([`counts_in_norm`](Self::counts_in_norm)), the partial sums of squares summed over TP (f32 on the wire).
+    /// The squares are summed on the tensors' device. Collective over TP.
+    pub fn grad_norm(&self, grads: &NamedTensors) -> Result<f64> {
+        let counted: Vec<&Tensor> = grads
+            .iter()
+            .filter(|(n, _)| self.counts_in_norm(n))
+            .map(|(_, t)| t)
+            .collect();
+        let local = if counted.is_empty() {
+            0.0
+        } else {
+            ops::sum_squares(&counted)?
+        };
+        let mut total = [local as f32];
+        if self.groups.tp.size() > 1 {
+            self.groups.tp.all_reduce(&mut total, ReduceOp::Sum)?;
+        }
+        Ok((total[0] as f64).sqrt())
+    }
+
+    /// The data-parallel gradient reduction without ZeRO: every gradient summed over the DP group (the loss is
+    /// normalised by the global batch, so the sum is the full-batch gradient), through NCCL on device tensors
+    /// ([`crate::comm::tensor::reduce_grads`]). Afterwards every DP rank holds the same gradients and can step a
+    /// replicated optimizer ([`crate::optim::DeviceAdamW`]). Collective over DP.
+    pub fn reduce_dp_grads(&self, grads: &mut NamedTensors) -> Result<()> {
+        Ok(crate::comm::tensor::reduce_grads(grads, &*self.groups.dp)?)
+    }
+
     /// The full (HF-layout) parameters, gathered over the TP group (collective over TP; every TP rank gets them).
     pub fn gather_full_params(&self) -> Result<Qwen3Params> {
         self.gather_full(&self.params)
@@ -333,25 +371,9 @@ impl TpModel {
     /// Gradients by HF name, in the container of this rank's parameters (shapes checked).
     pub fn grads_as_params(&self, grads: &NamedTensors) -> Result<Qwen3Params> {
         let mut out = self.params.clone();
-        let mut err = None;
-        out.visit_mut(&mut |name, t| match grads.get(&name) {
-            Some(g) if g.shape() == t.shape() => *t = g.clone(),
-            other => {
-                err.get_or_insert(TpError::Shard {
-                    detail: match other {
-                        Some(g) => {
-                            format!("gradient shape {:?}, parameter {:?}", g.shape(), t.shape())
-                        }
-                        None => "no gradient".into(),
-                    },
-                    name,
-                });
-            }
-        });
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        fill_from_named(grads, |f| out.visit_mut(f))
+            .map_err(|NamedMismatch { name, detail }| TpError::Shard { name, detail })?;
+        Ok(out)
     }
 
     fn head_weight(&self) -> &Tensor {
@@ -526,27 +548,13 @@ impl TpModel {
         let Some(moe) = &self.config.moe else {
             return Ok(None);
         };
-        let e = moe.num_experts;
-        let mut s = RouterStats::new(e);
+        let mut s = RouterStats::new(moe.num_experts);
         for st in saved.iter().filter_map(LayerSaved::router_stats) {
             s.merge(st)?;
         }
-        let mut groups: Vec<&dyn Communicator> = vec![&*self.groups.dp];
+        all_reduce_router_stats(&mut s, &*self.groups.dp)?;
         if self.plan.sp {
-            groups.push(&*self.groups.tp);
-        }
-        for g in groups.into_iter().filter(|g| g.size() > 1) {
-            let mut buf: Vec<f32> = s
-                .assignments
-                .iter()
-                .chain(&s.prob_sums)
-                .chain(std::iter::once(&s.rows))
-                .map(|&v| v as f32)
-                .collect();
-            g.all_reduce(&mut buf, ReduceOp::Sum)?;
-            s.assignments = buf[..e].iter().map(|&v| v as f64).collect();
-            s.prob_sums = buf[e..2 * e].iter().map(|&v| v as f64).collect();
-            s.rows = buf[2 * e] as f64;
+            all_reduce_router_stats(&mut s, &*self.groups.tp)?;
         }
         Ok(Some(s))
     }

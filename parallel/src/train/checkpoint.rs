@@ -23,6 +23,12 @@
 //!   trainer_state.json                 as above
 //! ```
 //!
+//! A multi-rank run ([`super::distributed`]) writes the same model files and `trainer_state.json` (global rank 0,
+//! the weights gathered), but instead of `optimizer.safetensors` an `optimizer/` directory in which every rank
+//! stores only the optimizer state it owns (fp32 master weights and moments) under global offsets into the full
+//! parameters ([`super::optimizer_shards`]). Neither format says anything about the layout that wrote it: any
+//! layout (or one process) resumes from either; [`read_optimizer`] reads both.
+//!
 //! # Commit protocol
 //!
 //! Everything is written into the hidden sibling `.checkpoint-<step>.tmp-<pid>-trainer` (the model part through
@@ -37,7 +43,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Result, TrainError, Trainer, io_err};
+use super::{Result, TrainError, Trainer, io_err, optimizer_shards};
 use crate::data::DataCursor;
 use crate::hf::{self, DiskDtype, HostTensor, SaveOptions, TensorMap};
 use crate::lora;
@@ -134,7 +140,79 @@ pub struct SaveRequest<'a> {
 
 /// Saves `trainer` as `checkpoint-<iteration>` under `req.output_dir` (see the module docs); returns its path.
 pub fn save(trainer: &Trainer, req: &SaveRequest<'_>) -> Result<PathBuf> {
-    let step = trainer.iteration();
+    let mut moments = TensorMap::new();
+    let mut adam_steps = BTreeMap::new();
+    for (name, st) in trainer.optimizer().states() {
+        let shape = trainer.master()[name].shape.clone();
+        moments.insert(
+            format!("exp_avg.{name}"),
+            HostTensor::new(shape.clone(), st.exp_avg.clone()).expect("state length checked"),
+        );
+        moments.insert(
+            format!("exp_avg_sq.{name}"),
+            HostTensor::new(shape, st.exp_avg_sq.clone()).expect("state length checked"),
+        );
+        adam_steps.insert(name.clone(), st.step);
+    }
+    let parts = CheckpointParts {
+        step: trainer.iteration(),
+        skipped_steps: trainer.skipped_steps(),
+        moments,
+        adam_steps,
+    };
+    commit(req, &parts, &|tmp: &Path, opts: &SaveOptions| {
+        match (trainer.lora_config(), trainer.adapters()) {
+            (Some(config), Some(adapters)) => {
+                let base = req.source_dir.ok_or_else(|| TrainError::Invalid {
+                    key: "lora",
+                    reason:
+                        "a LoRA checkpoint needs the base model directory (SaveRequest::source_dir)"
+                            .into(),
+                })?;
+                std::fs::create_dir(tmp).map_err(io_err(tmp))?;
+                lora::write_adapter_files(tmp, config, &adapters, base)?;
+            }
+            _ => {
+                hf::save_checkpoint(tmp, trainer.master(), opts)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Everything of a full-training checkpoint besides the model files: what [`commit`] writes next to them.
+pub(crate) struct CheckpointParts {
+    /// Optimizer steps taken (the directory is `checkpoint-<step>`).
+    pub step: u64,
+    pub skipped_steps: u64,
+    /// `exp_avg.<name>` / `exp_avg_sq.<name>` with the parameter's full (HF) shape.
+    pub moments: TensorMap,
+    /// AdamW steps per parameter name.
+    pub adam_steps: BTreeMap<String, u64>,
+}
+
+/// Writes a checkpoint directory: `write_model(tmp, opts)` puts the model files into the (not yet existing)
+/// temporary directory `tmp` (creating it), then the optimizer moments and the trainer state are added, every file
+/// is fsynced and `tmp` is renamed to `checkpoint-<step>` (see the module docs). Returns the committed path.
+pub(crate) fn commit(
+    req: &SaveRequest<'_>,
+    parts: &CheckpointParts,
+    write_model: &dyn Fn(&Path, &SaveOptions) -> Result<()>,
+) -> Result<PathBuf> {
+    let tmp = prepare(req, parts, write_model, true)?;
+    finish(req, &tmp, parts.step)
+}
+
+/// The first half of [`commit`]: the temporary directory with the model files, `optimizer.safetensors` (when
+/// `moments_file`) and `trainer_state.json`, all fsynced. Returns its path; on an error it is removed. A multi-rank
+/// save adds the ranks' optimizer shards to it before [`finish`].
+pub(crate) fn prepare(
+    req: &SaveRequest<'_>,
+    parts: &CheckpointParts,
+    write_model: &dyn Fn(&Path, &SaveOptions) -> Result<()>,
+    moments_file: bool,
+) -> Result<PathBuf> {
+    let step = parts.step;
     let final_dir = checkpoint_dir(req.output_dir, step);
     if final_dir.exists() {
         return Err(TrainError::Checkpoint {
@@ -157,41 +235,15 @@ pub fn save(trainer: &Trainer, req: &SaveRequest<'_>) -> Result<PathBuf> {
         opts = opts.config(c.clone());
     }
     let result = (|| {
-        match (trainer.lora_config(), trainer.adapters()) {
-            (Some(config), Some(adapters)) => {
-                let base = req.source_dir.ok_or_else(|| TrainError::Invalid {
-                    key: "lora",
-                    reason:
-                        "a LoRA checkpoint needs the base model directory (SaveRequest::source_dir)"
-                            .into(),
-                })?;
-                std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-                lora::write_adapter_files(&tmp, config, &adapters, base)?;
-            }
-            _ => {
-                hf::save_checkpoint(&tmp, trainer.master(), &opts)?;
-            }
+        write_model(&tmp, &opts)?;
+        if moments_file {
+            write_f32_safetensors(&tmp.join(OPTIMIZER_FILE), &parts.moments)?;
         }
-        let mut moments = TensorMap::new();
-        let mut adam_steps = BTreeMap::new();
-        for (name, st) in trainer.optimizer().states() {
-            let shape = trainer.master()[name].shape.clone();
-            moments.insert(
-                format!("exp_avg.{name}"),
-                HostTensor::new(shape.clone(), st.exp_avg.clone()).expect("state length checked"),
-            );
-            moments.insert(
-                format!("exp_avg_sq.{name}"),
-                HostTensor::new(shape, st.exp_avg_sq.clone()).expect("state length checked"),
-            );
-            adam_steps.insert(name.clone(), st.step);
-        }
-        write_f32_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
         let state = TrainerState {
             format_version: TRAINER_STATE_VERSION,
             step,
-            skipped_steps: trainer.skipped_steps(),
-            adam_steps,
+            skipped_steps: parts.skipped_steps,
+            adam_steps: parts.adam_steps.clone(),
             data_cursor: req.data_cursor,
             seed: req.seed,
             total_tokens: req.total_tokens,
@@ -201,13 +253,32 @@ pub fn save(trainer: &Trainer, req: &SaveRequest<'_>) -> Result<PathBuf> {
         let path = tmp.join(TRAINER_STATE_FILE);
         let text = serde_json::to_string_pretty(&state).expect("state serialises") + "\n";
         std::fs::write(&path, text).map_err(io_err(&path))?;
-        fsync(&path)?;
-        fsync(&tmp)?;
-        std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+        fsync(&path)
+    })();
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// The second half of [`commit`]: fsyncs `tmp` (and its `optimizer/` directory, if any) and renames it to
+/// `checkpoint-<step>`, then fsyncs the parent. On an error `tmp` is removed. Returns the committed path.
+pub(crate) fn finish(req: &SaveRequest<'_>, tmp: &Path, step: u64) -> Result<PathBuf> {
+    let final_dir = checkpoint_dir(req.output_dir, step);
+    let result = (|| {
+        let shards = tmp.join(optimizer_shards::OPTIMIZER_DIR);
+        if shards.is_dir() {
+            fsync(&shards)?;
+        }
+        fsync(tmp)?;
+        std::fs::rename(tmp, &final_dir).map_err(io_err(&final_dir))?;
         fsync(req.output_dir)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_dir_all(tmp);
     }
     result.map(|_| final_dir)
 }
@@ -232,8 +303,13 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// Reads `dir/optimizer.safetensors` into per-parameter AdamW states, with the step counts of `state`.
+/// Reads the optimizer state of `dir` into full per-parameter AdamW states, with the step counts of `state`:
+/// `optimizer.safetensors`, or a multi-rank run's `optimizer/` shards reassembled
+/// ([`optimizer_shards::read_full_states`]).
 pub fn read_optimizer(dir: &Path, state: &TrainerState) -> Result<Vec<(String, AdamWState)>> {
+    if optimizer_shards::is_sharded(dir) {
+        return optimizer_shards::read_full_states(dir, &state.adam_steps);
+    }
     let path = dir.join(OPTIMIZER_FILE);
     let mut tensors = hf::load_file(&path)?;
     let mut out = Vec::with_capacity(state.adam_steps.len());

@@ -39,9 +39,10 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// Tokens per sequence.
     pub max_length: usize,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch (on each data-parallel rank of a multi-rank run).
     pub micro_batch_size: usize,
-    /// Micro-batches per optimizer step (global batch = `micro_batch_size · grad_accum` on one process).
+    /// Micro-batches per optimizer step: global batch = `micro_batch_size · grad_accum` on one process,
+    /// `micro_batch_size · dp · grad_accum` over `dp` data-parallel ranks ([`super::distributed`]).
     pub grad_accum: usize,
     pub lr: f64,
     pub min_lr: f64,
@@ -124,7 +125,7 @@ impl TrainConfig {
         }
     }
 
-    /// Sequences per optimizer step.
+    /// Sequences per optimizer step of a one-process run.
     pub fn global_batch_size(&self) -> usize {
         self.micro_batch_size * self.grad_accum
     }

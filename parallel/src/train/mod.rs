@@ -1,5 +1,6 @@
-//! Single-process training on one device: the optimizer step ([`Trainer`]), the training loop with metrics and
-//! checkpoints ([`run_training`]), and the checkpoint format ([`checkpoint`]).
+//! Training: on one device, the optimizer step ([`Trainer`]) and the training loop with metrics and checkpoints
+//! ([`run_training`]); over several ranks, the same loop on the parallel models ([`distributed`],
+//! [`run_distributed_training`]); and the checkpoint format both read and write ([`checkpoint`]).
 //!
 //! # One optimizer step ([`Trainer::step`])
 //!
@@ -26,12 +27,17 @@
 //!   PEFT name; the base stays frozen and the model's adapted weights equal `W + s·B·A` of the masters bit for bit
 //!   (see [`crate::lora`]); checkpoints then hold PEFT adapters ([`checkpoint`]).
 //! - Weight decay applies to tensors with `ndim ≥ 2` only ([`crate::optim::decays`]).
+//! - Checkpoints do not depend on the parallel layout: both write the full HF weights; the single-rank run the
+//!   full-shape moments, a multi-rank run each rank's own optimizer shard addressed by global offsets
+//!   ([`optimizer_shards`]). Both formats are read by both loops, under any layout (see [`distributed`]).
 //! - A run restarted from `checkpoint-N` produces the same parameters, losses and data order for steps `N+1…`
 //!   as the uninterrupted run: weights and optimizer moments are saved in f32, the data cursor and the schedule
 //!   position in `trainer_state.json`, and nothing else is random.
 
 pub mod checkpoint;
 mod config;
+pub mod distributed;
+pub mod optimizer_shards;
 mod run;
 pub mod tensorboard;
 mod trainer;
@@ -41,6 +47,7 @@ pub use checkpoint::{
     write_f32_safetensors,
 };
 pub use config::{ModelSource, Resume, TrainConfig};
+pub use distributed::{EngineKind, run_distributed_training};
 pub use run::{
     METRICS_FILE, NoProgress, PEAK_FLOPS, RunInfo, StepMetrics, TrainObserver, TrainSummary,
     run_training,
@@ -49,11 +56,17 @@ pub use trainer::{Gradients, OptimizerOptions, StepStats, Trainer};
 
 use std::path::PathBuf;
 
+use crate::comm::CommError;
+use crate::context_parallel::CpError;
 use crate::data::DataError;
+use crate::dims::DimsError;
 use crate::hf::HfError;
 use crate::lora::LoraError;
 use crate::model::ModelError;
 use crate::optim::OptimError;
+use crate::pipeline::PipelineError;
+use crate::tensor_parallel::TpError;
+use crate::zero::ZeroError;
 
 /// Everything that can stop a training run; each variant names the file, key or step at fault.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +96,28 @@ pub enum TrainError {
     /// A step whose micro-batches have no token with a positive loss weight.
     #[error("step {step}: no token of the batch has a positive loss weight")]
     EmptyBatch { step: u64 },
+    #[error(transparent)]
+    Dims(#[from] DimsError),
+    #[error("collective failed: {0}")]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Tp(#[from] TpError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Cp(#[from] CpError),
+    #[error(transparent)]
+    Zero(#[from] ZeroError),
+    /// A parallel layout no model of the engine trains with ([`distributed::EngineKind::for_dims`]).
+    #[error("unsupported parallel layout for training: {0}")]
+    Layout(String),
+    /// Another rank of a multi-rank run failed (its own error is in its log); this rank stopped at the same point.
+    #[error("rank {rank} failed while {phase}{}", message.as_deref().filter(|m| !m.is_empty()).map(|m| format!(": {m}")).unwrap_or_default())]
+    PeerFailed {
+        rank: usize,
+        phase: String,
+        message: Option<String>,
+    },
 }
 
 /// Result alias of the training code.

@@ -22,8 +22,8 @@ use qkernels::Device;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, SaveRequest};
-use super::tensorboard::EventWriter;
 use super::config::{ModelSource, Resume, TrainConfig};
+use super::tensorboard::EventWriter;
 use super::trainer::{OptimizerOptions, Trainer};
 use super::{Result, TrainError, io_err};
 use crate::data::{self, DataCursor, DataLoader, Dataset, TrainDataOptions};
@@ -56,7 +56,7 @@ pub struct StepMetrics {
     pub total_tokens: u64,
     pub step_time_s: f64,
     pub tokens_per_s: f64,
-    /// `flops_per_token(max_length) · tokens_per_s / 989e12`.
+    /// `flops_per_token(max_length) · tokens_per_s / 989e12`, divided by the number of ranks of a multi-rank run.
     pub mfu: f64,
     pub skipped: bool,
 }
@@ -83,13 +83,27 @@ impl RunInfo {
         let what = if self.trainable_params == self.param_count {
             format!("{} parameters", self.param_count)
         } else {
-            format!("{} of {} parameters (adapters)", self.trainable_params, self.param_count)
+            format!(
+                "{} of {} parameters (adapters)",
+                self.trainable_params, self.param_count
+            )
         };
         let start = match &self.resumed_from {
-            Some(dir) => format!("resuming from {} at step {}/{}", dir.display(), self.start_step, self.train_iters),
-            None => format!("training {what} on {} sequences for {} steps", self.sequences, self.train_iters),
+            Some(dir) => format!(
+                "resuming from {} at step {}/{}",
+                dir.display(),
+                self.start_step,
+                self.train_iters
+            ),
+            None => format!(
+                "training {what} on {} sequences for {} steps",
+                self.sequences, self.train_iters
+            ),
         };
-        format!("{start}; TensorBoard events in {}", self.tensorboard.display())
+        format!(
+            "{start}; TensorBoard events in {}",
+            self.tensorboard.display()
+        )
     }
 }
 
@@ -130,23 +144,7 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
     hf::remove_stale_temp_dirs(&cfg.output_dir)?;
 
     // Where to start.
-    let resume_dir = match &cfg.resume {
-        Resume::Auto => checkpoint::find_latest_checkpoint(&cfg.output_dir)?,
-        Resume::Path(p) => Some(p.clone()),
-        Resume::None => {
-            if let Some((_, dir)) = checkpoint::list_checkpoints(&cfg.output_dir)?.last() {
-                return Err(TrainError::Invalid {
-                    key: "resume",
-                    reason: format!(
-                        "`none`, but {} already holds {}; use `resume: auto` or another output_dir",
-                        cfg.output_dir.display(),
-                        dir.display()
-                    ),
-                });
-            }
-            None
-        }
-    };
+    let resume_dir = resolve_resume(cfg)?;
 
     // Model (and its config.json for checkpoints when it has no source directory of its own). LoRA: always the
     // frozen base; the checkpoint holds only adapters.
@@ -218,25 +216,7 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
     };
     let (cursor, mut total_tokens) = match &resume_dir {
         Some(dir) => {
-            let state = checkpoint::read_state(dir)?;
-            if state.seed != cfg.seed {
-                return Err(TrainError::Checkpoint {
-                    path: dir.clone(),
-                    reason: format!(
-                        "saved with seed {}, this run has seed {}: the data order would differ",
-                        state.seed, cfg.seed
-                    ),
-                });
-            }
-            if state.max_length != cfg.max_length {
-                return Err(TrainError::Checkpoint {
-                    path: dir.clone(),
-                    reason: format!(
-                        "saved with max_length {}, this run has {}: the data cursor would not fit",
-                        state.max_length, cfg.max_length
-                    ),
-                });
-            }
+            let state = read_resume_state(dir, cfg)?;
             let states = checkpoint::read_optimizer(dir, &state)?;
             trainer.restore(state.step, state.skipped_steps, states)?;
             (state.data_cursor, state.total_tokens)
@@ -328,8 +308,55 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
     Ok(summary)
 }
 
+/// The checkpoint a run starts from: the newest complete one in the output directory (`auto`), the given one, or
+/// none (`none`, refused when the output directory already holds checkpoints).
+pub(crate) fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
+    Ok(match &cfg.resume {
+        Resume::Auto => checkpoint::find_latest_checkpoint(&cfg.output_dir)?,
+        Resume::Path(p) => Some(p.clone()),
+        Resume::None => {
+            if let Some((_, dir)) = checkpoint::list_checkpoints(&cfg.output_dir)?.last() {
+                return Err(TrainError::Invalid {
+                    key: "resume",
+                    reason: format!(
+                        "`none`, but {} already holds {}; use `resume: auto` or another output_dir",
+                        cfg.output_dir.display(),
+                        dir.display()
+                    ),
+                });
+            }
+            None
+        }
+    })
+}
+
+/// The trainer state of checkpoint `dir`, checked against the run: the same seed (data order) and `max_length`
+/// (data cursor).
+pub(crate) fn read_resume_state(dir: &Path, cfg: &TrainConfig) -> Result<checkpoint::TrainerState> {
+    let state = checkpoint::read_state(dir)?;
+    if state.seed != cfg.seed {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "saved with seed {}, this run has seed {}: the data order would differ",
+                state.seed, cfg.seed
+            ),
+        });
+    }
+    if state.max_length != cfg.max_length {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "saved with max_length {}, this run has {}: the data cursor would not fit",
+                state.max_length, cfg.max_length
+            ),
+        });
+    }
+    Ok(state)
+}
+
 /// LoRA needs a pretrained base; a checkpoint to resume must be of the run's kind (adapters or full model).
-fn check_checkpoint_kind(cfg: &TrainConfig, resume_dir: Option<&Path>) -> Result<()> {
+pub(crate) fn check_checkpoint_kind(cfg: &TrainConfig, resume_dir: Option<&Path>) -> Result<()> {
     if cfg.lora.is_some() && !matches!(cfg.model, ModelSource::Pretrained(_)) {
         return Err(TrainError::Invalid {
             key: "lora",
@@ -404,7 +431,7 @@ fn resumed_adapters(
     Ok(adapters)
 }
 
-fn check_config(cfg: &TrainConfig) -> Result<()> {
+pub(crate) fn check_config(cfg: &TrainConfig) -> Result<()> {
     let positive = [
         ("max_length", cfg.max_length as u64),
         ("micro_batch_size", cfg.micro_batch_size as u64),
@@ -437,7 +464,7 @@ fn check_config(cfg: &TrainConfig) -> Result<()> {
 }
 
 /// The scalars of a logged step in TensorBoard (`train/loss`, `train/lr`, …).
-fn write_tensorboard(w: &mut EventWriter, m: &StepMetrics) -> Result<()> {
+pub(crate) fn write_tensorboard(w: &mut EventWriter, m: &StepMetrics) -> Result<()> {
     let mut values = vec![
         ("train/loss", m.loss),
         ("train/ce_loss", m.ce_loss),
@@ -454,7 +481,7 @@ fn write_tensorboard(w: &mut EventWriter, m: &StepMetrics) -> Result<()> {
     w.scalars(m.step, &values).map_err(io_err(&path))
 }
 
-fn append_metrics(path: &Path, m: &StepMetrics) -> Result<()> {
+pub(crate) fn append_metrics(path: &Path, m: &StepMetrics) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -465,7 +492,7 @@ fn append_metrics(path: &Path, m: &StepMetrics) -> Result<()> {
 }
 
 /// Keeps the lines of `metrics.jsonl` for steps `≤ step` (all of them when the file does not exist).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -51,7 +51,11 @@ fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -69,7 +73,10 @@ pub struct EventWriter {
 }
 
 fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 impl EventWriter {
@@ -85,9 +92,17 @@ impl EventWriter {
             path = dir.join(format!("events.out.tfevents.{}.{host}.{n}", t as u64));
             n += 1;
         }
-        let file = std::fs::OpenOptions::new().create_new(true).append(true).open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
         let mut w = EventWriter { file, path };
-        w.write_event(&Event { wall_time: t, step: 0, file_version: Some("brain.Event:2".into()), summary: None })?;
+        w.write_event(&Event {
+            wall_time: t,
+            step: 0,
+            file_version: Some("brain.Event:2".into()),
+            summary: None,
+        })?;
         Ok(w)
     }
 
@@ -100,10 +115,18 @@ impl EventWriter {
         let summary = Summary {
             value: values
                 .iter()
-                .map(|(tag, v)| SummaryValue { tag: tag.to_string(), simple_value: Some(*v as f32) })
+                .map(|(tag, v)| SummaryValue {
+                    tag: tag.to_string(),
+                    simple_value: Some(*v as f32),
+                })
                 .collect(),
         };
-        self.write_event(&Event { wall_time: now(), step: step as i64, file_version: None, summary: Some(summary) })
+        self.write_event(&Event {
+            wall_time: now(),
+            step: step as i64,
+            file_version: None,
+            summary: Some(summary),
+        })
     }
 
     fn write_event(&mut self, e: &Event) -> std::io::Result<()> {
@@ -123,18 +146,30 @@ impl EventWriter {
 /// record's length and data checksums (used by tests and `qctl` to verify a run's curves).
 pub fn read_scalars(path: &Path) -> std::io::Result<Vec<(u64, String, f32)>> {
     let bytes = std::fs::read(path)?;
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {m}", path.display()));
+    let bad = |m: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {m}", path.display()),
+        )
+    };
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        let header = bytes.get(at..at + 12).ok_or_else(|| bad("truncated record header"))?;
+        let header = bytes
+            .get(at..at + 12)
+            .ok_or_else(|| bad("truncated record header"))?;
         let len_bytes: [u8; 8] = header[..8].try_into().expect("8 bytes");
-        if u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) != masked_crc(&len_bytes) {
+        if u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) != masked_crc(&len_bytes)
+        {
             return Err(bad("length checksum mismatch"));
         }
         let len = u64::from_le_bytes(len_bytes) as usize;
-        let data = bytes.get(at + 12..at + 12 + len).ok_or_else(|| bad("truncated record"))?;
-        let crc = bytes.get(at + 12 + len..at + 16 + len).ok_or_else(|| bad("truncated checksum"))?;
+        let data = bytes
+            .get(at + 12..at + 12 + len)
+            .ok_or_else(|| bad("truncated record"))?;
+        let crc = bytes
+            .get(at + 12 + len..at + 16 + len)
+            .ok_or_else(|| bad("truncated checksum"))?;
         if u32::from_le_bytes(crc.try_into().expect("4 bytes")) != masked_crc(data) {
             return Err(bad("data checksum mismatch"));
         }
@@ -161,17 +196,25 @@ mod tests {
     fn scalars_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path()).unwrap();
-        w.scalars(1, &[("train/loss", 2.5), ("train/lr", 1e-4)]).unwrap();
+        w.scalars(1, &[("train/loss", 2.5), ("train/lr", 1e-4)])
+            .unwrap();
         w.scalars(2, &[("train/loss", 2.25)]).unwrap();
         let got = read_scalars(w.path()).unwrap();
         assert_eq!(
             got,
-            vec![(1, "train/loss".into(), 2.5), (1, "train/lr".into(), 1e-4), (2, "train/loss".into(), 2.25)]
+            vec![
+                (1, "train/loss".into(), 2.5),
+                (1, "train/lr".into(), 1e-4),
+                (2, "train/loss".into(), 2.25)
+            ]
         );
         let mut bytes = std::fs::read(w.path()).unwrap();
         let last = bytes.len() - 6;
         bytes[last] ^= 1;
         std::fs::write(w.path(), bytes).unwrap();
-        assert!(read_scalars(w.path()).is_err(), "a corrupted record is detected");
+        assert!(
+            read_scalars(w.path()).is_err(),
+            "a corrupted record is detected"
+        );
     }
 }

@@ -129,6 +129,17 @@ struct Segment {
     counts_in_norm: bool,
 }
 
+/// One parameter piece of a rank's shard ([`DistributedOptimizer::shard_pieces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardPiece<'a> {
+    /// The local parameter (HF name of this rank's tensor).
+    pub name: &'a str,
+    /// Its elements in the local parameter (row-major).
+    pub param: Range<usize>,
+    /// Where they are in [`DistributedOptimizer::master_shard`] (and the piece's AdamW state has this length).
+    pub shard: Range<usize>,
+}
+
 /// ZeRO-1 AdamW over a DP group (see the module docs).
 #[derive(Debug, Clone)]
 pub struct DistributedOptimizer {
@@ -244,9 +255,154 @@ impl DistributedOptimizer {
         self.adam.states().iter().map(|(n, s)| (n.as_str(), s))
     }
 
+    /// The pieces of this rank's shard, in layout order: for checkpoints that store each rank's state with
+    /// global offsets ([`crate::train::optimizer_shards`]).
+    pub fn shard_pieces(&self) -> Vec<ShardPiece<'_>> {
+        let base = self.shard.start;
+        self.pieces()
+            .into_iter()
+            .map(|(si, r)| {
+                let seg = &self.segments[si];
+                let abs = r.start + base..r.end + base;
+                ShardPiece {
+                    name: &seg.name,
+                    param: abs.start - seg.range.start..abs.end - seg.range.start,
+                    shard: r,
+                }
+            })
+            .collect()
+    }
+
+    /// Restores this rank's shard from values laid out like [`master_shard`](Self::master_shard) (padding
+    /// included, ignored): the master weights and, when `adam_step > 0`, every piece's moments with `adam_step`
+    /// steps; [`steps`](Self::steps) becomes `adam_step`. The model's parameters are not touched: they must hold
+    /// the same values (the checkpoint's weights), or the next step's all-gather replaces them.
+    pub fn restore_shard(
+        &mut self,
+        master: &[f32],
+        exp_avg: &[f32],
+        exp_avg_sq: &[f32],
+        adam_step: u64,
+    ) -> Result<()> {
+        let n = self.shard.len();
+        if master.len() != n || exp_avg.len() != n || exp_avg_sq.len() != n {
+            return Err(ZeroError::Layout {
+                name: format!(
+                    "<shard of {n} values; got {}, {}, {}>",
+                    master.len(),
+                    exp_avg.len(),
+                    exp_avg_sq.len()
+                ),
+            });
+        }
+        self.master.copy_from_slice(master);
+        if adam_step > 0 {
+            for (si, r) in self.pieces() {
+                self.adam.set_state(
+                    &self.segments[si].name,
+                    AdamWState {
+                        step: adam_step,
+                        exp_avg: exp_avg[r.clone()].to_vec(),
+                        exp_avg_sq: exp_avg_sq[r].to_vec(),
+                    },
+                )?;
+            }
+        }
+        self.steps = adam_step;
+        Ok(())
+    }
+
     /// Optimizer steps taken (skipped steps excluded).
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The AdamW moments `(exp_avg, exp_avg_sq)` of every parameter of the local layout (this rank's TP shard or
+    /// pipeline stage, full over DP), keyed by parameter name with the parameter's shape: every DP rank's shard,
+    /// all-gathered. A piece not stepped yet has zero moments. Collective over `dp` (the group this optimizer was
+    /// built for); the layout-independent checkpoints of [`crate::train::distributed`] gather these further to the
+    /// HF layout with the model's `gather_full`.
+    pub fn gather_moments(
+        &self,
+        dp: &dyn Communicator,
+        device: &qkernels::Device,
+    ) -> Result<(NamedTensors, NamedTensors)> {
+        self.check_dp(dp)?;
+        let mut m = vec![0f32; self.shard.len()];
+        let mut v = vec![0f32; self.shard.len()];
+        for (si, r) in self.pieces() {
+            if let Some(st) = self.adam.state(&self.segments[si].name) {
+                m[r.clone()].copy_from_slice(&st.exp_avg);
+                v[r].copy_from_slice(&st.exp_avg_sq);
+            }
+        }
+        let gather = |shard: Vec<f32>| -> Result<Vec<f32>> {
+            if self.dp == 1 {
+                return Ok(shard);
+            }
+            let mut full = vec![0f32; self.padded];
+            dp.all_gather(&shard, &mut full)?;
+            Ok(full)
+        };
+        let (m, v) = (gather(m)?, gather(v)?);
+        Ok((self.unflatten(&m, device)?, self.unflatten(&v, device)?))
+    }
+
+    /// Restores the moments of this rank's pieces from `exp_avg` / `exp_avg_sq` given for every parameter of the
+    /// local layout (e.g. a checkpoint's full moments sliced like the parameters), each piece having taken
+    /// `adam_step` AdamW steps; [`steps`](Self::steps) becomes `adam_step`. With `adam_step = 0` nothing is
+    /// restored (a fresh state is zeros anyway). The master weights are not touched: build the optimizer from the
+    /// restored parameters.
+    pub fn restore_moments(
+        &mut self,
+        exp_avg: &NamedTensors,
+        exp_avg_sq: &NamedTensors,
+        adam_step: u64,
+    ) -> Result<()> {
+        let m = self.flatten(&|n| Ok(exp_avg.get(n).cloned()))?;
+        let v = self.flatten(&|n| Ok(exp_avg_sq.get(n).cloned()))?;
+        if adam_step > 0 {
+            let base = self.shard.start;
+            for (si, r) in self.pieces() {
+                let abs = r.start + base..r.end + base;
+                self.adam.set_state(
+                    &self.segments[si].name,
+                    AdamWState {
+                        step: adam_step,
+                        exp_avg: m[abs.clone()].to_vec(),
+                        exp_avg_sq: v[abs].to_vec(),
+                    },
+                )?;
+            }
+        }
+        self.steps = adam_step;
+        Ok(())
+    }
+
+    /// Named tensors of a flat (padded) buffer in layout order.
+    fn unflatten(&self, flat: &[f32], device: &qkernels::Device) -> Result<NamedTensors> {
+        let mut out = NamedTensors::new();
+        for s in &self.segments {
+            let t = qkernels::Tensor::from_f32(flat[s.range.clone()].to_vec(), &s.shape, device)?;
+            out.insert(s.name.clone(), t);
+        }
+        Ok(out)
+    }
+
+    fn check_dp(&self, dp: &dyn Communicator) -> Result<()> {
+        if dp.size() != self.dp || dp.rank() != self.dp_rank {
+            return Err(ZeroError::Optim(OptimError::Invalid {
+                key: "dp",
+                reason: format!(
+                    "communicator is rank {} of {}, the optimizer was built for rank {} of {}",
+                    dp.rank(),
+                    dp.size(),
+                    self.dp_rank,
+                    self.dp
+                ),
+            }));
+        }
+        Ok(())
     }
 
     /// Flat, padded buffer of `get(name)` in layout order (shapes checked).

@@ -1,5 +1,6 @@
 //! Shared helpers of the tensor/sequence/data-parallel parity tests: the full model from a fixture directory, a
-//! deterministic batch, an in-process world of thread ranks, and norm-relative errors.
+//! deterministic batch, an in-process world of thread ranks, norm-relative errors and the assertions built on them
+//! (parameters close, runs bit-identical), and the host clip + AdamW step of the single-rank reference runs.
 
 #![allow(dead_code)]
 
@@ -8,7 +9,8 @@ use std::path::PathBuf;
 use qkernels::Device;
 use qparallel::comm::CpuCommunicator;
 use qparallel::dims::{ParallelConfig, ParallelDims};
-use qparallel::model::{Batch, Qwen3Model};
+use qparallel::model::{Batch, NamedTensors, Qwen3Model};
+use qparallel::optim::{AdamW, ParamSlot, clip_grad_norm, decays};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -113,4 +115,85 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// `|a − b| / |b|`.
 pub fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs()
+}
+
+/// Gradients by name as host vectors, in name order.
+pub fn host_grads(grads: &NamedTensors) -> Vec<(String, Vec<f32>)> {
+    grads
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_vec_f32().unwrap()))
+        .collect()
+}
+
+/// Clips `grads` in place to the global norm `max_norm`; the norm before clipping.
+pub fn clip(grads: &mut [(String, Vec<f32>)], max_norm: f64) -> f64 {
+    let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
+    clip_grad_norm(&mut views, max_norm)
+}
+
+/// One single-rank host AdamW step of `model` with gradients by name (weight decay `wd` on the shapes that decay).
+pub fn adamw_step(
+    model: &mut Qwen3Model,
+    opt: &mut AdamW,
+    lr: f64,
+    wd: f64,
+    grads: &[(String, Vec<f32>)],
+) {
+    let mut params: Vec<(String, Vec<usize>, Vec<f32>)> = model
+        .params
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), t.to_vec_f32().unwrap()))
+        .collect();
+    let mut slots: Vec<ParamSlot<'_>> = params
+        .iter_mut()
+        .map(|(n, shape, p)| ParamSlot {
+            name: n.as_str(),
+            param: p.as_mut_slice(),
+            grad: grads.iter().find(|(gn, _)| gn == n).unwrap().1.as_slice(),
+            weight_decay: if decays(shape) { wd } else { 0.0 },
+        })
+        .collect();
+    opt.step(lr, &mut slots).unwrap();
+    drop(slots);
+    let mut k = 0;
+    model.params.visit_mut(&mut |_, t| {
+        let (_, shape, data) = &params[k];
+        *t = qkernels::Tensor::from_f32(data.clone(), shape, &t.device()).unwrap();
+        k += 1;
+    });
+}
+
+/// Asserts that every parameter of `got` is within `tol` ([`rel_err`]) of the one of its name in `want`, printing
+/// the worst (`what` names the run in the messages).
+pub fn assert_params_close(what: &str, got: &NamedTensors, want: &NamedTensors, tol: f64) {
+    let mut worst = (0.0f64, String::new());
+    for (n, p) in got {
+        let e = rel_err(&p.to_vec_f32().unwrap(), &want[n].to_vec_f32().unwrap());
+        if e > worst.0 {
+            worst = (e, n.clone());
+        }
+    }
+    println!(
+        "{what}: final parameters, worst rel err {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 < tol,
+        "{what}: parameter {} rel err {:.2e}",
+        worst.1,
+        worst.0
+    );
+}
+
+/// Asserts that two runs' `(loss, gradients)` are bit-identical (on `rank`, named in the message).
+pub fn assert_bit_identical(rank: usize, a: (f64, &NamedTensors), b: (f64, &NamedTensors)) {
+    assert_eq!(a.0.to_bits(), b.0.to_bits(), "rank {rank}: loss");
+    for (name, g) in a.1 {
+        assert_eq!(
+            g.to_vec_f32().unwrap(),
+            b.1[name].to_vec_f32().unwrap(),
+            "rank {rank}: {name}"
+        );
+    }
 }

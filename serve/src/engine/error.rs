@@ -3,6 +3,8 @@
 use qkernels::KernelError;
 use qparallel::model::ModelError;
 
+use super::quant::QuantError;
+
 /// Everything the engine can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -13,6 +15,10 @@ pub enum EngineError {
     /// Loading the model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+
+    /// Quantizing the weights or a quantized matmul failed.
+    #[error(transparent)]
+    Quant(#[from] QuantError),
 
     /// The KV cache has too few free blocks.
     #[error("KV cache exhausted: {needed} more blocks needed, {free} free")]

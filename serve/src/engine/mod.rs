@@ -1,5 +1,6 @@
-//! The inference engine: Qwen3 forward over a paged KV cache ([`model`], [`kv`]), continuous batching
-//! ([`scheduler`]), sampling ([`sampling`]), and [`Engine`], which runs an [`EngineCore`] on its own OS thread.
+//! The inference engine: Qwen3 forward over a paged KV cache ([`model`], [`kv`]), weight-only int8/int4
+//! quantization of the linear layers ([`quant`]), continuous batching ([`scheduler`]), sampling
+//! ([`sampling`]), and [`Engine`], which runs an [`EngineCore`] on its own OS thread.
 //!
 //! Threading: the HTTP handlers (tokio tasks) call [`Engine::submit`], which checks the request against the
 //! engine's limits, sends it over a channel and returns the receiver of its [`Event`]s. The engine thread
@@ -9,6 +10,7 @@
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 pub mod scheduler;
 
@@ -21,6 +23,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 pub use error::EngineError;
 pub use kv::{BlockAllocator, BlockTable, KvCache, KvCacheConfig};
 pub use model::{Chunk, InferenceModel, LogitRows};
+pub use quant::{Quantization, WeightStats};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{
     Detokenizer, EngineConfig, EngineCore, EngineLimits, Event, FinishReason, Request, StepStats,
@@ -39,6 +42,7 @@ enum Command {
 pub struct Engine {
     tx: mpsc::Sender<Command>,
     limits: EngineLimits,
+    weights: WeightStats,
     metrics: Arc<Metrics>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -48,6 +52,7 @@ impl Engine {
     pub fn start(core: EngineCore, metrics: Arc<Metrics>) -> Engine {
         let (tx, rx) = mpsc::channel();
         let limits = core.limits();
+        let weights = core.weight_stats();
         let thread = std::thread::Builder::new()
             .name("qserve-engine".into())
             .spawn(move || run(core, rx))
@@ -55,6 +60,7 @@ impl Engine {
         Engine {
             tx,
             limits,
+            weights,
             metrics,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         }
@@ -63,6 +69,11 @@ impl Engine {
     /// The limits requests are checked against.
     pub fn limits(&self) -> EngineLimits {
         self.limits
+    }
+
+    /// Quantization mode and bytes of the model's weights.
+    pub fn weight_stats(&self) -> WeightStats {
+        self.weights
     }
 
     /// Shared metrics.

@@ -19,16 +19,26 @@
 //! batch never see each other, and the result for a sequence does not depend on what else is batched with it.
 //! The CPU backend computes attention on the host in f32; the projections, norms, RoPE and MLP/MoE are
 //! `qkernels` ops.
+//!
+//! Weights: every parameter is a [`Weight`]. With [`Quantization::None`] all are f32 tensors; with int8/int4
+//! the seven projections of each layer (and an untied `lm_head`, as int8) are held quantized and multiplied
+//! by the quantized kernels of [`super::quant`], never expanded back to f32. [`InferenceModel::load`] reads a
+//! checkpoint one decoder layer at a time and quantizes each layer before reading the next, so loading never
+//! holds more than the quantized model plus one layer (or the embedding) in f32.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use qkernels::ops::{self, RopeTable};
 use qkernels::{Device, Tensor};
-use qparallel::hf::TensorMap;
-use qparallel::model::{DecoderLayer, Ffn, ModelConfig, Qwen3Model, Qwen3Params};
+use qparallel::hf::{self, TensorMap};
+use qparallel::model::{
+    DecoderLayer, Ffn, ModelConfig, ModelError, Qwen3Model, Qwen3Params, param_shapes,
+};
 
 use super::error::EngineError;
 use super::kv::{BlockTable, KvCache, KvCacheConfig};
+use super::quant::{Format, QuantError, Quantization, Weight, WeightStats, grouped_linear};
 
 /// The next tokens of one sequence (see module docs).
 #[derive(Debug, Clone, Copy)]
@@ -54,15 +64,108 @@ pub enum LogitRows {
 #[derive(Debug, Clone)]
 pub struct InferenceModel {
     config: ModelConfig,
-    params: Qwen3Params,
+    params: Qwen3Params<Weight>,
     device: Device,
+    quantization: Quantization,
+}
+
+/// `Some(i)` for a parameter of decoder layer `i`.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl InferenceModel {
-    /// Loads an HF model dir (`config.json` + safetensors).
+    /// Loads an HF model dir (`config.json` + safetensors) in f32.
     pub fn from_hf_dir(dir: impl AsRef<Path>, device: Device) -> Result<Self, EngineError> {
-        let m = Qwen3Model::from_hf_dir(dir, device)?;
-        Ok(InferenceModel::from_model(m))
+        InferenceModel::load(dir, device, Quantization::None)
+    }
+
+    /// Loads an HF model dir with its linear weights stored as `quantization` says (see the module docs).
+    ///
+    /// The checkpoint is checked against the config from the safetensors headers before any data is read
+    /// (the checks of `Qwen3Params::from_host`: every implied name present with its shape, no unexplained
+    /// names, a tied `lm_head.weight` equal to the embedding); then the embedding, each decoder layer and the
+    /// final norm/head are read and converted one group at a time.
+    pub fn load(
+        dir: impl AsRef<Path>,
+        device: Device,
+        quantization: Quantization,
+    ) -> Result<Self, EngineError> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_file(dir.join("config.json")).map_err(ModelError::from)?;
+        config.validate().map_err(ModelError::from)?;
+        if quantization != Quantization::None && device != Device::Cpu {
+            return Err(QuantError::UnsupportedDevice(device).into());
+        }
+        let on_disk = hf::checkpoint_tensors(dir).map_err(ModelError::from)?;
+        let spec = param_shapes(&config);
+        for (name, shape) in &spec {
+            let meta = on_disk
+                .get(name)
+                .ok_or_else(|| ModelError::MissingParam { name: name.clone() })?;
+            if &meta.shape != shape {
+                return Err(ModelError::ParamShape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    got: meta.shape.clone(),
+                }
+                .into());
+            }
+        }
+        const HEAD: &str = "lm_head.weight";
+        let implied: BTreeSet<&str> = spec.iter().map(|(n, _)| n.as_str()).collect();
+        let tied_head_on_disk = config.tie_word_embeddings && on_disk.contains_key(HEAD);
+        let unexpected: Vec<String> = on_disk
+            .keys()
+            .filter(|n| !(implied.contains(n.as_str()) || tied_head_on_disk && *n == HEAD))
+            .cloned()
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(ModelError::UnexpectedParams { names: unexpected }.into());
+        }
+
+        let mut weights: BTreeMap<String, Weight> = BTreeMap::new();
+        for group in spec.chunk_by(|a, b| layer_of(&a.0) == layer_of(&b.0)) {
+            let names: BTreeSet<&str> = group.iter().map(|(n, _)| n.as_str()).collect();
+            let mut host = hf::load_checkpoint_filtered(dir, |n| names.contains(n))
+                .map_err(ModelError::from)?;
+            for (name, shape) in group {
+                let t = host
+                    .remove(name)
+                    .ok_or_else(|| ModelError::MissingParam { name: name.clone() })?;
+                let w = Weight::new(name, t.data, shape, quantization.format_for(name), &device)?;
+                weights.insert(name.clone(), w);
+            }
+        }
+        if tied_head_on_disk {
+            let head = hf::load_checkpoint_filtered(dir, |n| n == HEAD)
+                .map_err(ModelError::from)?
+                .remove(HEAD)
+                .ok_or_else(|| ModelError::MissingParam { name: HEAD.into() })?;
+            let embed = weights.get("model.embed_tokens.weight").ok_or_else(|| {
+                ModelError::MissingParam {
+                    name: "model.embed_tokens.weight".into(),
+                }
+            })?;
+            if head.data != embed.dense()?.to_vec_f32()? {
+                return Err(ModelError::TiedHeadMismatch.into());
+            }
+        }
+        let params = Qwen3Params::build(&config, &mut |name, _| {
+            weights
+                .remove(&name)
+                .ok_or(ModelError::MissingParam { name })
+        })?;
+        Ok(InferenceModel {
+            config,
+            params,
+            device,
+            quantization,
+        })
     }
 
     /// Builds the model from HF-named host tensors already in memory (e.g. base weights with LoRA adapters
@@ -76,19 +179,95 @@ impl InferenceModel {
         Ok(InferenceModel::from_model(m))
     }
 
-    /// Wraps an already-built training model (shares its config and parameters).
+    /// Wraps an already-built training model (shares its config and f32 parameters).
     pub fn from_model(model: Qwen3Model) -> Self {
         let device = model.device();
+        let mut named = model.params.to_named();
+        let params = Qwen3Params::build(&model.config, &mut |name, _| {
+            named
+                .remove(&name)
+                .map(Weight::F32)
+                .ok_or(ModelError::MissingParam { name })
+        })
+        .expect("a model's parameters carry the names its config implies");
         InferenceModel {
             config: model.config,
-            params: model.params,
+            params,
             device,
+            quantization: Quantization::None,
         }
+    }
+
+    /// Quantizes the f32 linear weights as `quantization` says (see the module docs), dropping each f32
+    /// tensor as soon as its quantized form exists. `None`, or the mode the model already has, leaves it as it
+    /// is; a model quantized in another mode is an error.
+    pub fn quantize(mut self, quantization: Quantization) -> Result<Self, EngineError> {
+        if quantization == Quantization::None || quantization == self.quantization {
+            return Ok(self);
+        }
+        if self.quantization != Quantization::None {
+            return Err(QuantError::AlreadyQuantized {
+                have: self.quantization,
+                want: quantization,
+            }
+            .into());
+        }
+        if self.device != Device::Cpu {
+            return Err(QuantError::UnsupportedDevice(self.device).into());
+        }
+        let device = self.device;
+        let mut failed = None;
+        self.params.visit_mut(&mut |name, w| {
+            let format = quantization.format_for(&name);
+            if failed.is_some() || format == Format::F32 {
+                return;
+            }
+            let converted = w.dense().map_err(EngineError::from).and_then(|t| {
+                let shape = t.shape().to_vec();
+                Weight::new(&name, t.to_vec_f32()?, &shape, format, &device)
+            });
+            match converted {
+                Ok(q) => *w = q,
+                Err(e) => failed = Some(e),
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.quantization = quantization;
+        Ok(self)
     }
 
     /// The model config.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The mode the linear weights are stored in.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+
+    /// Every parameter as held (HF names through `Qwen3Params::visit`).
+    pub fn weights(&self) -> &Qwen3Params<Weight> {
+        &self.params
+    }
+
+    /// Parameter count and bytes held, against the same parameters in f32.
+    pub fn weight_stats(&self) -> WeightStats {
+        let mut s = WeightStats {
+            quantization: self.quantization,
+            ..WeightStats::default()
+        };
+        self.params.visit(&mut |_, w| {
+            s.params += w.numel();
+            s.bytes += w.bytes();
+            if w.format() != Format::F32 {
+                s.quantized_params += w.numel();
+            }
+        });
+        s.f32_bytes = 4 * s.params;
+        s
     }
 
     /// A KV cache shaped for this model.
@@ -102,7 +281,7 @@ impl InferenceModel {
     }
 
     /// `[vocab, hidden]` LM head (the embedding when tied).
-    fn head(&self) -> &Tensor {
+    fn head(&self) -> &Weight {
         self.params
             .lm_head
             .as_ref()
@@ -147,11 +326,11 @@ impl InferenceModel {
         let pos_t = Tensor::from_u32(pos, &[t], &self.device)?;
         let rope = RopeTable::new(&pos_t, cfg.head_dim, cfg.rope_theta)?;
 
-        let mut x = ops::embedding_fwd(&ids_t, &self.params.embed_tokens)?;
+        let mut x = ops::embedding_fwd(&ids_t, self.params.embed_tokens.dense()?)?;
         for (li, layer) in self.params.layers.iter().enumerate() {
             x = self.layer(li, layer, &x, &rope, cache, chunks)?;
         }
-        let hn = ops::rmsnorm_fwd(&x, &self.params.norm, cfg.rms_norm_eps)?.y;
+        let hn = ops::rmsnorm_fwd(&x, self.params.norm.dense()?, cfg.rms_norm_eps)?.y;
         let hn = match rows {
             LogitRows::All => hn,
             LogitRows::Last => {
@@ -165,7 +344,7 @@ impl InferenceModel {
                 Tensor::cat(&refs, 0)?
             }
         };
-        let logits = ops::linear_fwd(&hn, self.head())?;
+        let logits = self.head().linear(&hn)?;
         let v = cfg.vocab_size;
         Ok(logits
             .to_vec_f32()?
@@ -177,7 +356,7 @@ impl InferenceModel {
     fn layer(
         &self,
         li: usize,
-        layer: &DecoderLayer,
+        layer: &DecoderLayer<Weight>,
         x: &Tensor,
         rope: &RopeTable,
         cache: &mut KvCache,
@@ -192,12 +371,12 @@ impl InferenceModel {
             cfg.head_dim,
         );
         let a = &layer.self_attn;
-        let xn = ops::rmsnorm_fwd(x, &layer.input_layernorm, eps)?.y;
-        let q = ops::linear_fwd(&xn, &a.q_proj)?.reshape(&[t, hq, d])?;
-        let q = ops::rope_fwd(&ops::rmsnorm_fwd(&q, &a.q_norm, eps)?.y, rope)?;
-        let k = ops::linear_fwd(&xn, &a.k_proj)?.reshape(&[t, hkv, d])?;
-        let k = ops::rope_fwd(&ops::rmsnorm_fwd(&k, &a.k_norm, eps)?.y, rope)?;
-        let v = ops::linear_fwd(&xn, &a.v_proj)?;
+        let xn = ops::rmsnorm_fwd(x, layer.input_layernorm.dense()?, eps)?.y;
+        let q = a.q_proj.linear(&xn)?.reshape(&[t, hq, d])?;
+        let q = ops::rope_fwd(&ops::rmsnorm_fwd(&q, a.q_norm.dense()?, eps)?.y, rope)?;
+        let k = a.k_proj.linear(&xn)?.reshape(&[t, hkv, d])?;
+        let k = ops::rope_fwd(&ops::rmsnorm_fwd(&k, a.k_norm.dense()?, eps)?.y, rope)?;
+        let v = a.v_proj.linear(&xn)?;
         let (q, k, v) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?);
 
         let row = hkv * d;
@@ -229,34 +408,34 @@ impl InferenceModel {
             r0 += c.tokens.len();
         }
         let o = Tensor::from_f32(o, &[t, hq * d], &self.device)?;
-        let h = x.add(&ops::linear_fwd(&o, &a.o_proj)?)?;
-        let hn = ops::rmsnorm_fwd(&h, &layer.post_attention_layernorm, eps)?.y;
+        let h = x.add(&a.o_proj.linear(&o)?)?;
+        let hn = ops::rmsnorm_fwd(&h, layer.post_attention_layernorm.dense()?, eps)?.y;
         let f = self.ffn(&layer.mlp, &hn)?;
         Ok(h.add(&f)?)
     }
 
-    fn ffn(&self, ffn: &Ffn, xn: &Tensor) -> Result<Tensor, EngineError> {
+    fn ffn(&self, ffn: &Ffn<Weight>, xn: &Tensor) -> Result<Tensor, EngineError> {
         match ffn {
             Ffn::Dense(m) => {
-                let g = ops::linear_fwd(xn, &m.gate_proj)?;
-                let u = ops::linear_fwd(xn, &m.up_proj)?;
-                Ok(ops::linear_fwd(&ops::swiglu_fwd(&g, &u)?, &m.down_proj)?)
+                let g = m.gate_proj.linear(xn)?;
+                let u = m.up_proj.linear(xn)?;
+                m.down_proj.linear(&ops::swiglu_fwd(&g, &u)?)
             }
             Ffn::Moe(moe) => {
                 let mc = self.config.moe.as_ref().ok_or_else(|| {
                     EngineError::InvalidConfig("MoE layer in a config without MoE settings".into())
                 })?;
-                let logits = ops::linear_fwd(xn, &moe.gate)?;
+                let logits = ops::linear_fwd(xn, moe.gate.dense()?)?;
                 let routing = ops::router_fwd(&logits, mc.num_experts_per_tok, mc.norm_topk_prob)?;
                 let plan = ops::moe_plan(&routing.topk_idx, mc.num_experts)?;
                 let xp = ops::moe_permute(xn, &plan)?;
                 let offs = &plan.expert_offsets;
-                let wg: Vec<&Tensor> = moe.experts.iter().map(|e| &e.gate_proj).collect();
-                let wu: Vec<&Tensor> = moe.experts.iter().map(|e| &e.up_proj).collect();
-                let wd: Vec<&Tensor> = moe.experts.iter().map(|e| &e.down_proj).collect();
-                let g = ops::grouped_linear_fwd(&xp, &wg, offs)?;
-                let u = ops::grouped_linear_fwd(&xp, &wu, offs)?;
-                let yp = ops::grouped_linear_fwd(&ops::swiglu_fwd(&g, &u)?, &wd, offs)?;
+                let wg: Vec<&Weight> = moe.experts.iter().map(|e| &e.gate_proj).collect();
+                let wu: Vec<&Weight> = moe.experts.iter().map(|e| &e.up_proj).collect();
+                let wd: Vec<&Weight> = moe.experts.iter().map(|e| &e.down_proj).collect();
+                let g = grouped_linear(&xp, &wg, offs)?;
+                let u = grouped_linear(&xp, &wu, offs)?;
+                let yp = grouped_linear(&ops::swiglu_fwd(&g, &u)?, &wd, offs)?;
                 Ok(ops::moe_unpermute(&yp, &routing.topk_weight, &plan)?)
             }
         }

@@ -27,6 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::error::EngineError;
 use super::kv::{BlockTable, KvCache, KvCacheConfig};
 use super::model::{Chunk, InferenceModel, LogitRows};
+use super::quant::{Quantization, WeightStats};
 use super::sampling::{Sampler, SamplingParams};
 use crate::metrics::Metrics;
 
@@ -50,6 +51,10 @@ pub struct EngineConfig {
     /// Memory budget of the KV pools when `kv.num_blocks` is 0: the pool gets as many blocks as fit, but no
     /// more than `max_running` full-length sequences need.
     pub kv_cache_bytes: usize,
+    /// Weight-only quantization of the linear layers ([`super::quant`]): an f32 model handed to
+    /// [`EngineCore::new`] is quantized there; `None` runs the model as it is (f32, or already quantized by
+    /// [`InferenceModel::load`]).
+    pub quantization: Quantization,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +65,7 @@ impl Default for EngineConfig {
             max_running: 64,
             max_model_len: 0,
             kv_cache_bytes: 1 << 30,
+            quantization: Quantization::None,
         }
     }
 }
@@ -189,7 +195,9 @@ pub struct EngineCore {
 }
 
 impl EngineCore {
-    /// An idle engine. `eos` ends generation unless a request sets `ignore_eos`.
+    /// An idle engine. `eos` ends generation unless a request sets `ignore_eos`. The model is quantized first
+    /// when `config.quantization` asks for it (see [`InferenceModel::quantize`]); the weights' mode and bytes
+    /// go to `metrics`.
     pub fn new(
         model: InferenceModel,
         mut config: EngineConfig,
@@ -220,6 +228,9 @@ impl EngineCore {
                 c.max_position_embeddings.div_ceil(config.kv.block_size) * config.max_running;
             config.kv.num_blocks = fit.min(want).max(1);
         }
+        let model = model.quantize(config.quantization)?;
+        config.quantization = model.quantization();
+        metrics.set_weights(&model.weight_stats());
         let cache = model.new_cache(config.kv)?;
         let capacity = config.kv.block_size * config.kv.num_blocks;
         let mut max_len = model.config().max_position_embeddings.min(capacity);
@@ -250,6 +261,11 @@ impl EngineCore {
     /// The limits requests are checked against.
     pub fn limits(&self) -> EngineLimits {
         self.limits
+    }
+
+    /// Quantization mode and bytes of the model's weights.
+    pub fn weight_stats(&self) -> WeightStats {
+        self.model.weight_stats()
     }
 
     /// The effective settings (`max_model_len` resolved).
