@@ -318,19 +318,16 @@ impl CpEpModel {
             dx = d;
         }
         layer_grads.reverse();
-        let mut d_embed = ops::embedding_bwd(&inputs.ids, &dx, self.config.vocab_size)?;
-        let lm_head = if self.params.lm_head.is_some() {
-            Some(g_head.dw)
-        } else {
-            d_embed.add_assign(&g_head.dw)?;
-            None
-        };
-        let grads = Qwen3Params {
-            embed_tokens: d_embed,
-            layers: layer_grads,
-            norm: g_norm.dw,
-            lm_head,
-        };
+        let tied = self.params.lm_head.is_none();
+        let grads = crate::model::qwen3::assemble_grads(
+            self.config.vocab_size,
+            tied,
+            &inputs.ids,
+            &dx,
+            layer_grads,
+            g_norm.dw,
+            g_head.dw,
+        )?;
         Ok(CpEpStepOutput {
             loss: f.loss,
             ce_loss: f.ce_loss,

@@ -65,6 +65,7 @@
 //! a device implementation would permute on the GPU and hand device views to NCCL. No capacity factor / token
 //! dropping (HF Qwen3-MoE has none).
 
+use crate::model::moe::expert_weights;
 use qkernels::Tensor;
 use qkernels::ops::{self, MoePlan, RouterOut, RouterStats};
 use thiserror::Error;
@@ -513,14 +514,6 @@ impl EpMoeSaved {
     pub fn routing(&self) -> &RouterOut {
         &self.routing
     }
-}
-
-fn expert_weights(experts: &[Mlp]) -> [Vec<&Tensor>; 3] {
-    [
-        experts.iter().map(|e| &e.gate_proj).collect(),
-        experts.iter().map(|e| &e.up_proj).collect(),
-        experts.iter().map(|e| &e.down_proj).collect(),
-    ]
 }
 
 fn check_local(moe: &SparseMoe, layout: &ExpertLayout) -> Result<()> {

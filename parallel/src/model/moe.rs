@@ -91,7 +91,7 @@ impl MoeSaved {
 }
 
 /// `(gate, up, down)` weight lists of the experts, for the grouped GEMMs.
-fn expert_weights(experts: &[Mlp]) -> [Vec<&Tensor>; 3] {
+pub(crate) fn expert_weights(experts: &[Mlp]) -> [Vec<&Tensor>; 3] {
     [
         experts.iter().map(|e| &e.gate_proj).collect(),
         experts.iter().map(|e| &e.up_proj).collect(),

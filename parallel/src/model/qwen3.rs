@@ -17,7 +17,7 @@ use super::config::ModelConfig;
 use super::error::Result;
 use super::layer::{LayerCtx, LayerSaved, rope_and_segments};
 use super::moe::AuxLossGrad;
-use super::params::{NamedTensors, Qwen3Params};
+use super::params::{DecoderLayer, NamedTensors, Qwen3Params};
 use crate::hf::{self, TensorMap};
 
 /// A Qwen3 model on one device, with its config.
@@ -250,19 +250,16 @@ impl Qwen3Model {
         layer_grads.reverse();
 
         // Embedding (plus the head's gradient when tied).
-        let mut d_embed = ops::embedding_bwd(&inputs.ids, &dx, self.config.vocab_size)?;
-        let lm_head = if self.params.lm_head.is_some() {
-            Some(g_head.dw)
-        } else {
-            d_embed.add_assign(&g_head.dw)?;
-            None
-        };
-        let grads = Qwen3Params {
-            embed_tokens: d_embed,
-            layers: layer_grads,
-            norm: g_norm.dw,
-            lm_head,
-        };
+        let tied = self.params.lm_head.is_none();
+        let grads = assemble_grads(
+            self.config.vocab_size,
+            tied,
+            &inputs.ids,
+            &dx,
+            layer_grads,
+            g_norm.dw,
+            g_head.dw,
+        )?;
         Ok(StepOutput {
             loss,
             ce_loss: ce.loss,
@@ -288,4 +285,32 @@ impl Qwen3Model {
             .unwrap_or(0.0);
         Ok((ce + coef * aux.unwrap_or(0.0), ce, aux))
     }
+}
+
+/// The last step of a backward over the full parameter set (the single-device model and context/expert
+/// parallelism share it): the embedding gradient from the first layer's input gradient `dx [T, hidden]` —
+/// plus the LM head's gradient `head_dw [vocab, hidden]` when the embeddings are `tied` — assembled with the
+/// layer and final-norm gradients.
+pub(crate) fn assemble_grads(
+    vocab_size: usize,
+    tied: bool,
+    ids: &Tensor,
+    dx: &Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    head_dw: Tensor,
+) -> Result<Qwen3Params> {
+    let mut embed_tokens = ops::embedding_bwd(ids, dx, vocab_size)?;
+    let lm_head = if tied {
+        embed_tokens.add_assign(&head_dw)?;
+        None
+    } else {
+        Some(head_dw)
+    };
+    Ok(Qwen3Params {
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+    })
 }
