@@ -250,6 +250,9 @@ pub struct JobSpec {
     /// Recompute each layer's activations in backward instead of keeping them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
+    /// Compute precision: `auto` (bf16 on GPUs, f32 on CPUs), `bfloat16` or `float32`.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "dtype")]
+    pub torch_dtype: Option<TorchDtype>,
     /// `auto` (newest complete checkpoint in `output_dir`, else start fresh), `none`, or a checkpoint path.
     #[serde(default, skip_serializing_if = "Option::is_none", alias = "resume_from_checkpoint")]
     pub resume: Option<Resume>,
@@ -308,6 +311,20 @@ pub enum LrDecayStyle {
     Constant,
     Linear,
     Cosine,
+}
+
+/// `torch_dtype:` — the compute precision of training (weights and activations on the device; master weights,
+/// gradients and optimizer states are always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TorchDtype {
+    /// bf16 on GPUs, f32 on CPUs (the CPU engine computes in f32 only).
+    #[default]
+    Auto,
+    #[serde(alias = "bf16")]
+    Bfloat16,
+    #[serde(alias = "fp32", alias = "f32")]
+    Float32,
 }
 
 /// `resume:` — where a training run starts.
@@ -405,6 +422,7 @@ pub struct TrainingSettings {
     pub logging_steps: u64,
     pub seed: u64,
     pub gradient_checkpointing: bool,
+    pub torch_dtype: TorchDtype,
     pub resume: Resume,
     /// SFT data settings (`kind: sft`), `None` for pretraining.
     pub sft: Option<SftSettings>,
@@ -504,7 +522,17 @@ impl JobSpec {
 
     /// Parses and validates YAML text. `source_name` (a file path, or "<request>") appears in errors.
     pub fn parse(yaml: &str, source_name: &str) -> Result<JobSpec, JobSpecError> {
-        let spec: JobSpec = serde_norway::from_str(yaml).map_err(|e| {
+        JobSpec::parse_with(yaml, source_name, |_| {})
+    }
+
+    /// [`JobSpec::parse`] with `edit` applied between reading and validating (command-line overrides, e.g.
+    /// `qctl train --device` replacing `resources`), so the edited spec is checked as a whole.
+    pub fn parse_with(
+        yaml: &str,
+        source_name: &str,
+        edit: impl FnOnce(&mut JobSpec),
+    ) -> Result<JobSpec, JobSpecError> {
+        let mut spec: JobSpec = serde_norway::from_str(yaml).map_err(|e| {
             let loc = e.location();
             JobSpecError::Parse {
                 source_name: source_name.to_string(),
@@ -513,6 +541,7 @@ impl JobSpec {
                 message: e.to_string(),
             }
         })?;
+        edit(&mut spec);
         spec.validate(source_name)?;
         Ok(spec)
     }
@@ -572,6 +601,7 @@ impl JobSpec {
             ("logging_steps", self.logging_steps.is_some()),
             ("seed", self.seed.is_some()),
             ("gradient_checkpointing", self.gradient_checkpointing.is_some()),
+            ("torch_dtype", self.torch_dtype.is_some()),
             ("resume", self.resume.is_some()),
             ("train_type", self.train_type.is_some()),
             ("lora_rank", self.lora_rank.is_some()),
@@ -750,6 +780,7 @@ impl JobSpec {
             logging_steps,
             seed: self.seed.unwrap_or(d::SEED),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
+            torch_dtype: self.torch_dtype.unwrap_or_default(),
             resume: self.resume.clone().unwrap_or(Resume::Auto),
             sft,
             lora,

@@ -8,7 +8,7 @@
 //! Then: steady-state allocation check (no cuMemAlloc in a repeated step) and throughput lines for a bf16
 //! 8192³ GEMM (cuBLASLt) and causal GQA attention forward/backward.
 //!
-//! Run: `cargo run --release -p qkernels --example cuda_parity [-- --skip-bench] [--attn-only]` on a machine with a GPU,
+//! Run: `cargo run --release -p qkernels --example cuda_parity [-- --skip-bench] [--attn-only] [--router-only] [--paged-only]` on a machine with a GPU,
 //! libcuda, libnvrtc and libcublasLt loadable (LD_LIBRARY_PATH) and `cuda_bf16.h` findable (see
 //! `qkernels::cuda::nvrtc`). Exit status 1 when any check fails.
 
@@ -356,7 +356,7 @@ fn run_parity(rep: &mut Report) {
                 );
             }
         }
-        // MoE router (host slow path on CUDA) and token permutation.
+        // MoE router and token permutation (more router cases: `router_parity`).
         for (t, e, k, h) in [(9usize, 4usize, 2usize, 33usize), (200, 8, 2, 256)] {
             let sh = format!("T{t} E{e} k{k} H{h}");
             let (lg, lgg) = pair(&mut r, &[t, e], 2.0, dt);
@@ -433,6 +433,137 @@ fn run_parity(rep: &mut Report) {
             rep.check("moe_unpermute_bwd", dt, &sh, "dweights", &gdw, &cdw);
         }
         attention_parity(rep, &mut r, dt);
+        paged_parity(rep, &mut r, dt);
+    }
+    router_parity(rep, &mut r);
+}
+
+/// Paged KV cache: `kv_cache_write` then `paged_attention` against the CPU reference. Sequences get shuffled,
+/// non-contiguous blocks; K/V go in with two writes (a "prefill" of the first part of every sequence, then the
+/// rest); the query rows mix every position of every sequence (prefill rows) in a shuffled order. The GPU pools
+/// start as NaN, so a read of a slot never written fails the check. Shapes: odd block sizes (1, 5, 7), GQA
+/// groups 1–16, head_dim 30–256 (30: the unvectorised gather), contexts up to 1100, Qwen3-8B's heads.
+fn paged_parity(rep: &mut Report, r: &mut StdRng, dt: DType) {
+    for (lens, hq, hkv, d, bs) in [
+        (vec![1usize, 17, 40], 4usize, 2usize, 64usize, 16usize),
+        (vec![300, 5], 8, 2, 128, 16),
+        (vec![1100], 2, 1, 96, 7),
+        (vec![33, 64, 2, 129], 32, 8, 128, 16),
+        (vec![50, 3], 16, 1, 256, 5),
+        (vec![9, 4], 3, 3, 40, 1),
+        (vec![20, 7], 4, 2, 30, 3),
+    ] {
+        let sh = format!("L{lens:?} hq{hq} hkv{hkv} d{d} bs{bs}");
+        let blocks: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
+        let nb = blocks.iter().sum::<usize>() + 3;
+        let mut ids: Vec<u32> = (0..nb as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, r.random_range(0..=i));
+        }
+        let mb = *blocks.iter().max().unwrap();
+        let mut tables = vec![0u32; lens.len() * mb];
+        let mut next = 0;
+        for (si, &nbk) in blocks.iter().enumerate() {
+            tables[si * mb..si * mb + nbk].copy_from_slice(&ids[next..next + nbk]);
+            next += nbk;
+        }
+        let slot = |si: usize, p: usize| tables[si * mb + p / bs] * bs as u32 + (p % bs) as u32;
+        let cache_shape = [nb, bs, hkv, d];
+        let mut kc = Tensor::zeros(&cache_shape, DType::F32, &Device::Cpu).unwrap();
+        let mut vc = Tensor::zeros(&cache_shape, DType::F32, &Device::Cpu).unwrap();
+        let nan = || {
+            Tensor::full(f32::NAN, &cache_shape, &GPU)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+        };
+        let (mut kg, mut vg) = (nan(), nan());
+        let mut written = Vec::new();
+        for part in 0..2 {
+            let mut sl = Vec::new();
+            for (si, &l) in lens.iter().enumerate() {
+                let range = if part == 0 { 0..l / 2 } else { l / 2..l };
+                for p in range {
+                    sl.push(slot(si, p));
+                }
+            }
+            if sl.is_empty() {
+                continue;
+            }
+            let n = sl.len();
+            written.extend_from_slice(&sl);
+            let (k, kgr) = pair(r, &[n, hkv, d], 1.0, dt);
+            let (v, vgr) = pair(r, &[n, hkv, d], 1.0, dt);
+            let slc = Tensor::from_u32(sl.clone(), &[n], &Device::Cpu).unwrap();
+            let slg = Tensor::from_u32(sl, &[n], &GPU).unwrap();
+            kv_cache_write(&mut kc, &mut vc, &k, &v, &slc).unwrap();
+            kv_cache_write(&mut kg, &mut vg, &kgr, &vgr, &slg).unwrap();
+        }
+        // The written rows of the pools, gathered on the host.
+        let row = hkv * d;
+        let gather = |t: &Tensor| {
+            let all = t.to_vec_f32().unwrap();
+            let v: Vec<f32> = written
+                .iter()
+                .flat_map(|&s| all[s as usize * row..(s as usize + 1) * row].to_vec())
+                .collect();
+            Tensor::from_f32(v, &[written.len(), row], &Device::Cpu).unwrap()
+        };
+        rep.check("kv_cache_write", dt, &sh, "k", &gather(&kg), &gather(&kc));
+        rep.check("kv_cache_write", dt, &sh, "v", &gather(&vg), &gather(&vc));
+        // Every position of every sequence, shuffled.
+        let mut rows: Vec<(u32, u32)> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(si, &l)| (0..l as u32).map(move |p| (si as u32, p)))
+            .collect();
+        for i in (1..rows.len()).rev() {
+            rows.swap(i, r.random_range(0..=i));
+        }
+        let t = rows.len();
+        let (q, qg) = pair(r, &[t, hq, d], 1.0, dt);
+        let u32s = |v: Vec<u32>, shape: &[usize]| {
+            (
+                Tensor::from_u32(v.clone(), shape, &Device::Cpu).unwrap(),
+                Tensor::from_u32(v, shape, &GPU).unwrap(),
+            )
+        };
+        let (btc, btg) = u32s(tables.clone(), &[lens.len(), mb]);
+        let (rsc, rsg) = u32s(rows.iter().map(|x| x.0).collect(), &[t]);
+        let (rpc, rpg) = u32s(rows.iter().map(|x| x.1).collect(), &[t]);
+        let c = paged_attention(&q, &kc, &vc, &btc, &rsc, &rpc).unwrap();
+        let g = paged_attention(&qg, &kg, &vg, &btg, &rsg, &rpg).unwrap();
+        rep.check("paged_attention", dt, &sh, "out", &g, &c);
+        // Decode rows (the last position of each sequence): few rows, so the key range is split into parts.
+        let t = lens.len();
+        let (q, qg) = pair(r, &[t, hq, d], 1.0, dt);
+        let (rsc, rsg) = u32s((0..t as u32).collect(), &[t]);
+        let (rpc, rpg) = u32s(lens.iter().map(|&l| l as u32 - 1).collect(), &[t]);
+        let c = paged_attention(&q, &kc, &vc, &btc, &rsc, &rpc).unwrap();
+        let g = paged_attention(&qg, &kg, &vg, &btg, &rsg, &rpg).unwrap();
+        rep.check("paged_attention", dt, &sh, "decode", &g, &c);
+    }
+    // Row argmax (greedy decoding): ids must match exactly (ties, frequent in bf16, go to the lowest index on both
+    // sides); compared as f32 values of the ids.
+    for (rows, cols) in [(1usize, 7usize), (3, 1000), (64, 151_936), (5, 33_000)] {
+        let (x, xg) = pair(r, &[rows, cols], 4.0, dt);
+        let as_f32 = |t: Tensor| {
+            let v: Vec<f32> = t
+                .to_vec_u32()
+                .unwrap()
+                .iter()
+                .map(|&i| i as f32 + 1.0)
+                .collect();
+            Tensor::from_f32(v, &[rows], &Device::Cpu).unwrap()
+        };
+        rep.check(
+            "argmax_rows",
+            dt,
+            &format!("[{rows}, {cols}]"),
+            "ids",
+            &as_f32(argmax_rows(&xg).unwrap()),
+            &as_f32(argmax_rows(&x).unwrap()),
+        );
     }
 }
 
@@ -488,6 +619,169 @@ fn attention_parity(rep: &mut Report, r: &mut StdRng, dt: DType) {
         }
     }
     cuda::set_attention_tensor_cores(true);
+}
+
+/// Router and MoE plan on the device against the CPU reference, f32 and bf16 logits (the CPU runs on the
+/// bf16-rounded values, so the selected indices must match exactly in both cases; probabilities, weights and
+/// gradients are f32 compute on identical inputs, so the f32 bound applies to both). Shapes cover odd token
+/// counts, experts 8/60/128, top_k 1/2/8 (and k = E), norm on/off, and a case of integer logits full of ties.
+fn router_parity(rep: &mut Report, r: &mut StdRng) {
+    // A row whose bound is the f32 one whatever the logits' dtype. An all-zero reference (k = 1 with
+    // renormalisation: the weight is constantly 1, so its gradient is 0) needs an all-zero result.
+    fn check32(rep: &mut Report, dt: DType, sh: &str, what: &str, g: &Tensor, c: &Tensor) {
+        let cv = c.to_vec_f32().expect("cpu read-back");
+        if cv.iter().all(|&x| x == 0.0) {
+            let gv = g.to_vec_f32().expect("gpu read-back");
+            exact(
+                rep,
+                dt,
+                sh,
+                what,
+                g.shape() == c.shape() && gv.iter().all(|&x| x == 0.0),
+            );
+            return;
+        }
+        rep.check("router", DType::F32, sh, what, g, c);
+        rep.rows.last_mut().expect("just pushed").1 = dt;
+    }
+    fn exact(rep: &mut Report, dt: DType, sh: &str, what: &str, same: bool) {
+        let e = if same { 0.0 } else { 1.0 };
+        rep.rows
+            .push(("router".into(), dt, sh.into(), what.into(), e, 0.0, same));
+    }
+    for dt in [DType::F32, DType::BF16] {
+        for (t, e, k, ties) in [
+            (1usize, 8usize, 1usize, false),
+            (7, 8, 2, false),
+            (1, 8, 8, false),
+            (33, 60, 8, false),
+            (129, 60, 2, false),
+            (1000, 128, 8, false),
+            (4097, 128, 1, false),
+            (257, 128, 2, false),
+            (65, 60, 8, true),
+            (300, 8, 2, true),
+        ] {
+            for norm in [true, false] {
+                let sh = format!(
+                    "T{t} E{e} k{k}{}{}",
+                    if norm { " norm" } else { "" },
+                    if ties { " ties" } else { "" }
+                );
+                let (lg, lgg) = if ties {
+                    // Integers in -2..=2: exact in bf16, many equal probabilities per row.
+                    let v: Vec<f32> = (0..t * e)
+                        .map(|_| r.random_range(-2i32..=2) as f32)
+                        .collect();
+                    (
+                        Tensor::from_f32(v.clone(), &[t, e], &Device::Cpu).unwrap(),
+                        Tensor::from_f32(v, &[t, e], &GPU)
+                            .unwrap()
+                            .to_dtype(dt)
+                            .unwrap(),
+                    )
+                } else {
+                    pair(r, &[t, e], 3.0, dt)
+                };
+                let rc = router_fwd(&lg, k, norm).unwrap();
+                let rg = router_fwd(&lgg, k, norm).unwrap();
+                check32(rep, dt, &sh, "probs", &rg.probs, &rc.probs);
+                check32(rep, dt, &sh, "topk_w", &rg.topk_weight, &rc.topk_weight);
+                let (ig, ic) = (
+                    rg.topk_idx.to_vec_u32().unwrap(),
+                    rc.topk_idx.to_vec_u32().unwrap(),
+                );
+                exact(
+                    rep,
+                    dt,
+                    &sh,
+                    "topk_idx",
+                    ig == ic && rg.topk_idx.shape() == [t, k],
+                );
+                // Aux-loss statistics (device column sums / counts) and the broadcast dprobs.
+                let sc = RouterStats::from_router(&rc).unwrap();
+                let sg = RouterStats::from_router(&rg).unwrap();
+                exact(
+                    rep,
+                    dt,
+                    &sh,
+                    "assign",
+                    sg.assignments == sc.assignments && sg.rows == sc.rows,
+                );
+                let f = |v: &[f64]| {
+                    Tensor::from_f32(
+                        v.iter().map(|&x| x as f32).collect(),
+                        &[v.len()],
+                        &Device::Cpu,
+                    )
+                    .unwrap()
+                };
+                check32(rep, dt, &sh, "p_sums", &f(&sg.prob_sums), &f(&sc.prob_sums));
+                let dpc = sc.aux_dprobs(t, 0.01, &Device::Cpu).unwrap();
+                let dpg = sg.aux_dprobs(t, 0.01, &GPU).unwrap();
+                check32(rep, dt, &sh, "aux_dp", &dpg, &dpc);
+                // Backward, with and without the aux loss's dprobs.
+                let (dw, dwg) = pair(r, &[t, k], 1.0, DType::F32);
+                for (what, dc, dg) in [("dlogits", None, None), ("dl+aux", Some(&dpc), Some(&dpg))]
+                {
+                    check32(
+                        rep,
+                        dt,
+                        &sh,
+                        what,
+                        &router_bwd(&dwg, dg, &rg, norm).unwrap(),
+                        &router_bwd(&dw, dc, &rc, norm).unwrap(),
+                    );
+                }
+                // MoE plan from the device indices: offsets exactly, and the three index tensors through the
+                // ops that use them (row_token: permute; slot_row: unpermute; row_slot: unpermute_bwd's dyp).
+                let pc = moe_plan(&rc.topk_idx, e).unwrap();
+                let pg = moe_plan(&rg.topk_idx, e).unwrap();
+                exact(
+                    rep,
+                    dt,
+                    &sh,
+                    "offsets",
+                    pg.expert_offsets == pc.expert_offsets,
+                );
+                let h = 16;
+                let (x, xg) = pair(r, &[t, h], 1.0, DType::F32);
+                check32(
+                    rep,
+                    dt,
+                    &sh,
+                    "plan:xp",
+                    &moe_permute(&xg, &pg).unwrap(),
+                    &moe_permute(&x, &pc).unwrap(),
+                );
+                let (yp, ypg) = pair(r, &[t * k, h], 1.0, DType::F32);
+                check32(
+                    rep,
+                    dt,
+                    &sh,
+                    "plan:y",
+                    &moe_unpermute(&ypg, &rg.topk_weight, &pg).unwrap(),
+                    &moe_unpermute(&yp, &rc.topk_weight, &pc).unwrap(),
+                );
+                let (dy, dyg) = pair(r, &[t, h], 1.0, DType::F32);
+                let (cdyp, _) = moe_unpermute_bwd(&dy, &yp, &rc.topk_weight, &pc).unwrap();
+                let (gdyp, _) = moe_unpermute_bwd(&dyg, &ypg, &rg.topk_weight, &pg).unwrap();
+                check32(rep, dt, &sh, "plan:dyp", &gdyp, &cdyp);
+            }
+        }
+    }
+    // An expert index out of range is a typed error on the device too.
+    let bad = Tensor::from_u32(vec![0, 4, 1, 2], &[2, 2], &GPU).unwrap();
+    exact(
+        rep,
+        DType::F32,
+        "idx 4 of E4",
+        "bad_idx",
+        matches!(
+            moe_plan(&bad, 4),
+            Err(qkernels::KernelError::InvalidArgument { .. })
+        ),
+    );
 }
 
 fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
@@ -597,10 +891,40 @@ fn bench_attention(r: &mut StdRng) {
     }
 }
 
+/// Decode attention through the paged cache at Qwen3-8B's heads (32 q / 8 kv, d 128, bf16, block 16): one
+/// query row per sequence at the end of its context, the time and the effective K/V read bandwidth.
+fn bench_paged(r: &mut StdRng) {
+    let (hq, hkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
+    for (seqs, ctx) in [(1usize, 256usize), (64, 256), (64, 2048), (8, 16384)] {
+        let mb = ctx.div_ceil(bs);
+        let nb = seqs * mb;
+        let kc = gpu_rand(r, &[nb, bs, hkv, d], 1.0, DType::BF16);
+        let vc = gpu_rand(r, &[nb, bs, hkv, d], 1.0, DType::BF16);
+        let q = gpu_rand(r, &[seqs, hq, d], 1.0, DType::BF16);
+        let tables: Vec<u32> = (0..nb as u32).collect();
+        let bt = Tensor::from_u32(tables, &[seqs, mb], &GPU).unwrap();
+        let rs = Tensor::from_u32((0..seqs as u32).collect(), &[seqs], &GPU).unwrap();
+        let rp = Tensor::from_u32(vec![ctx as u32 - 1; seqs], &[seqs], &GPU).unwrap();
+        let s = time(20, || {
+            paged_attention(&q, &kc, &vc, &bt, &rs, &rp).unwrap();
+        });
+        let bytes = (2 * seqs * ctx * hkv * d * 2) as f64;
+        println!(
+            "paged_attention decode bf16 seqs {seqs} ctx {ctx} hq {hq} hkv {hkv} d {d}: {:.3} ms, {:.0} GB/s K/V read",
+            s * 1e3,
+            bytes / s / 1e9
+        );
+    }
+}
+
 fn main() {
     let skip_bench = std::env::args().any(|a| a == "--skip-bench");
     // `--attn-only`: attention parity (f32 + bf16) and the attention timings, nothing else.
     let attn_only = std::env::args().any(|a| a == "--attn-only");
+    // `--router-only`: the router / MoE-plan parity (f32 + bf16 logits), no benchmarks.
+    let router_only = std::env::args().any(|a| a == "--router-only");
+    // `--paged-only`: the paged KV-cache parity (f32 + bf16) and the decode attention timing.
+    let paged_only = std::env::args().any(|a| a == "--paged-only");
     let n = cuda::device_count();
     if n == 0 {
         eprintln!(
@@ -619,7 +943,14 @@ fn main() {
     );
     cuda::set_poison_allocations(&GPU, true).unwrap();
     let mut rep = Report { rows: Vec::new() };
-    if attn_only {
+    if router_only {
+        router_parity(&mut rep, &mut StdRng::seed_from_u64(5));
+    } else if paged_only {
+        let mut r = StdRng::seed_from_u64(9);
+        for dt in [DType::F32, DType::BF16] {
+            paged_parity(&mut rep, &mut r, dt);
+        }
+    } else if attn_only {
         let mut r = StdRng::seed_from_u64(7);
         for dt in [DType::F32, DType::BF16] {
             attention_parity(&mut rep, &mut r, dt);
@@ -656,8 +987,11 @@ fn main() {
         after - before,
         cuda::pool_stats(&GPU).unwrap().unwrap()
     );
-    if !skip_bench {
+    if !skip_bench && paged_only {
+        bench_paged(&mut StdRng::seed_from_u64(3));
+    } else if !skip_bench && !router_only {
         bench(attn_only);
+        bench_paged(&mut StdRng::seed_from_u64(3));
     }
     if fails > 0 || after != before {
         std::process::exit(1);

@@ -8,7 +8,9 @@
 //! - a tensor's dtype is one of [`DType`]; its shape is fixed at creation (ops return new tensors);
 //! - cloning is cheap (the storage is reference counted) and never copies data;
 //! - tensors are immutable values: "in-place" helpers such as [`Tensor::add_assign`] replace `self` with a new
-//!   value, so a tensor saved for backward is never modified behind the saver's back.
+//!   value, so a tensor saved for backward is never modified behind the saver's back. The one exception is the
+//!   inference KV cache: [`crate::ops::kv_cache_write`] writes into the pools' storage in place (see
+//!   [`crate::ops::paged_attention`]).
 //!
 //! Host data moves in and out as `(Vec<f32> | Vec<u32>, shape)`: [`Tensor::from_f32`], [`Tensor::to_vec_f32`],
 //! [`Tensor::shape`]. (Checkpoint IO's `(shape, data)` type lives in `qparallel::hf`.)

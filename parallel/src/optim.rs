@@ -27,7 +27,7 @@ mod clip;
 mod device;
 mod schedule;
 
-pub use accum::{accumulate, scale, zero};
+pub use accum::{accumulate, accumulate_scaled, scale, zero};
 pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamSlot, decays};
 pub use clip::{
     TORCH_CLIP_EPS, clip_coefficient, clip_grad_norm, global_grad_norm, scale_grads, sum_of_squares,

@@ -639,3 +639,32 @@ fn unsupported_settings_are_typed_errors_and_a_rank0_failure_reaches_every_rank(
         other => panic!("rank 1: {other:?}"),
     }
 }
+
+/// The GPU engine's optimizer (DeviceAdamW over a TP model, replicated over dp, gradients summed and dp-reduced as
+/// tensors) on CPU thread ranks: tp2·dp2 equals the single-rank run, and its whole-parameter optimizer shards
+/// resume under ZeRO-1 (dp2) and on one rank as if uninterrupted.
+#[test]
+fn device_optimizer_tp2_dp2_equals_the_single_rank_run_and_its_checkpoints_resume_anywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(tmp.path(), 60, 0x51ED_2701, 40);
+    let full = config("qwen3-tiny.json", &corpus, &tmp.path().join("full"), 4, 4, 2);
+    let want = run_training(&full, &mut NoProgress).unwrap();
+    let tp2dp2 = dims(4, ParallelConfig { tp: 2, ..Default::default() });
+
+    for (what, resume_dims, micro) in [("dp2 (ZeRO-1)", Some(dims(2, ParallelConfig::default())), 2), ("one rank", None, 4)] {
+        let out = tmp.path().join(format!("dev-then-{}", what.replace(' ', "-")));
+        let mut multi = config("qwen3-tiny.json", &corpus, &out, 4, 2, 2);
+        multi.save_steps = 2;
+        multi.optimizer_on_device = true;
+        let first = run_distributed(tp2dp2, &multi, &mut StopAfter(2));
+        assert_losses_match("device-optimizer tp2·dp2 steps 1–2", &first.losses, &want.losses[..2]);
+        assert_shards_partition(&out.join("checkpoint-2"), 4, "device-optimizer tp2·dp2");
+        let next = config("qwen3-tiny.json", &corpus, &out, 4, micro, 2);
+        let second = match resume_dims {
+            Some(d) => run_distributed(d, &next, &mut NoProgress),
+            None => run_training(&next, &mut NoProgress).unwrap(),
+        };
+        assert_eq!(second.resumed_from, Some(out.join("checkpoint-2")));
+        assert_losses_match(&format!("{what} resumed from device-optimizer shards"), &second.losses, &want.losses[2..]);
+    }
+}

@@ -324,3 +324,124 @@ fn non_finite_gradients_skip_the_update_but_count_the_step() {
         Err(qparallel::train::TrainError::EmptyBatch { step: 2 })
     ));
 }
+
+/// Relative L2 distance of two vectors.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    diff / norm.max(1e-30)
+}
+
+/// Four micro-batches of random tokens (two per step) from the tiny vocabulary.
+fn random_batches(seed: u64) -> Vec<Batch> {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..4)
+        .map(|_| Batch::causal_lm((0..2 * 24).map(|_| r.random_range(0..256u32)).collect(), 2, 24).unwrap())
+        .collect()
+}
+
+fn device_opts() -> OptimizerOptions {
+    OptimizerOptions {
+        schedule: LrSchedule::constant(2e-3).unwrap(),
+        adam: AdamWConfig::default(),
+        weight_decay: 0.1,
+        clip_grad: 0.5, // small enough to clip: the clipping path runs too
+    }
+}
+
+/// The optimizer on the model's device (the GPU path, run here on the CPU backend: DeviceAdamW with gradient sums
+/// as tensors) takes the same steps as the host optimizer: losses, norms, masters and moments.
+#[test]
+fn device_optimizer_steps_equal_the_host_optimizer() {
+    let cfg = qparallel::model::ModelConfig::from_file(tiny_config()).unwrap();
+    let model = Qwen3Model::random(cfg, 11, 0.05, Device::Cpu).unwrap();
+    let mut host = Trainer::new(model.clone(), device_opts()).unwrap();
+    let mut dev = Trainer::with_device_optimizer(model, device_opts()).unwrap();
+    assert!(!host.optimizer_on_device() && dev.optimizer_on_device());
+    let batches = random_batches(5);
+    for step in batches.chunks(2) {
+        let (a, b) = (host.step(step).unwrap(), dev.step(step).unwrap());
+        assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss, "{a:?} vs {b:?}");
+        assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm, "{a:?} vs {b:?}");
+        assert!(a.grad_norm > 0.5, "clipping did not engage: {}", a.grad_norm);
+        assert_eq!((a.step, a.tokens, a.skipped), (b.step, b.tokens, b.skipped));
+    }
+    assert!(!dev.host_state_current());
+    dev.sync_host_state().unwrap();
+    assert!(dev.host_state_current());
+    for (name, m) in host.master() {
+        let e = rel_l2(&m.data, &dev.master()[name].data);
+        assert!(e < 1e-5, "{name}: master differs by {e:.2e}");
+        let (sa, sb) = (host.optimizer().state(name).unwrap(), dev.optimizer().state(name).unwrap());
+        assert_eq!(sa.step, sb.step);
+        assert!(rel_l2(&sa.exp_avg, &sb.exp_avg) < 1e-5, "{name}: exp_avg");
+        assert!(rel_l2(&sa.exp_avg_sq, &sb.exp_avg_sq) < 1e-5, "{name}: exp_avg_sq");
+    }
+}
+
+/// A checkpoint of a device-optimizer run holds the device state (saving before the host copy is refreshed is
+/// refused), and a trainer restored from it continues exactly as the uninterrupted run.
+#[test]
+fn device_optimizer_checkpoint_resumes_the_run() {
+    use qparallel::train::{SaveRequest, read_optimizer, read_state, save_checkpoint};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = qparallel::model::ModelConfig::from_file(tiny_config()).unwrap();
+    let model = Qwen3Model::random(cfg.clone(), 12, 0.05, Device::Cpu).unwrap();
+    let batches = random_batches(6);
+    let mut full = Trainer::with_device_optimizer(model, device_opts()).unwrap();
+    full.step(&batches[..2]).unwrap();
+    let req = SaveRequest {
+        output_dir: tmp.path(),
+        source_dir: None,
+        config: Some(cfg.to_hf_json()),
+        data_cursor: DataCursor::default(),
+        seed: 1,
+        total_tokens: 96,
+        max_length: 24,
+        global_batch_size: 4,
+    };
+    let stale = save_checkpoint(&full, &req).unwrap_err().to_string();
+    assert!(stale.contains("sync_host_state"), "{stale}");
+    full.sync_host_state().unwrap();
+    let dir = save_checkpoint(&full, &req).unwrap();
+    let want = full.step(&batches[2..]).unwrap();
+
+    let state = read_state(&dir).unwrap();
+    let states = read_optimizer(&dir, &state).unwrap();
+    let model = Qwen3Model::from_hf_dir(&dir, Device::Cpu).unwrap();
+    let mut resumed = Trainer::with_device_optimizer(model, device_opts()).unwrap();
+    resumed.restore(state.step, state.skipped_steps, states).unwrap();
+    let got = resumed.step(&batches[2..]).unwrap();
+    assert_eq!((got.step, got.lr), (want.step, want.lr));
+    assert!((got.loss - want.loss).abs() <= 1e-7 * want.loss, "{got:?} vs {want:?}");
+    assert!((got.grad_norm - want.grad_norm).abs() <= 1e-6 * want.grad_norm);
+    full.sync_host_state().unwrap();
+    resumed.sync_host_state().unwrap();
+    for (name, m) in full.master() {
+        let e = rel_l2(&m.data, &resumed.master()[name].data);
+        assert!(e < 1e-6, "{name}: {e:.2e}");
+    }
+}
+
+/// A non-finite norm skips the device optimizer's update without advancing its bias correction: no state, the
+/// masters unchanged.
+#[test]
+fn device_optimizer_skips_non_finite_steps() {
+    let cfg = qparallel::model::ModelConfig::from_file(tiny_config()).unwrap();
+    let mut model = Qwen3Model::random(cfg, 3, 0.05, Device::Cpu).unwrap();
+    let mut norm = model.params.norm.to_vec_f32().unwrap();
+    norm[0] = f32::NAN;
+    model.params.norm = qkernels::Tensor::from_f32(norm, &[64], &Device::Cpu).unwrap();
+    let mut trainer = Trainer::with_device_optimizer(model, device_opts()).unwrap();
+    let before = trainer.master().clone();
+    let s = trainer.step(&random_batches(1)[..1]).unwrap();
+    assert!(s.skipped && s.grad_norm.is_nan(), "{s:?}");
+    assert_eq!((trainer.iteration(), trainer.skipped_steps()), (1, 1));
+    trainer.sync_host_state().unwrap();
+    assert!(trainer.optimizer().states().is_empty());
+    for (name, t) in &before {
+        let after = &trainer.master()[name].data;
+        assert!(t.data.iter().zip(after).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} changed");
+    }
+}

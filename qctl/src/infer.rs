@@ -81,7 +81,7 @@ pub struct InferArgs {
     /// Qwen3's `enable_thinking` chat-template switch (true/false; default: the template's own default).
     #[arg(long, value_name = "BOOL")]
     pub enable_thinking: Option<bool>,
-    /// `cpu` (the serving engine has no CUDA path yet).
+    /// `cpu` (f32), `cuda` or `cuda:N` (bf16 weights, activations and KV cache; quantization is CPU only).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print every rendered prompt (the chat template's output) on stderr before generating.
@@ -106,10 +106,7 @@ pub struct InferArgs {
 
 /// Runs `qctl infer`.
 pub fn infer(args: InferArgs, output: Output) -> anyhow::Result<()> {
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        other => bail!("--device {other}: only `cpu` inference is available in this build"),
-    };
+    let device = crate::local::parse_device(&args.device)?;
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }

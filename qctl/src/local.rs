@@ -33,6 +33,10 @@ pub struct TrainArgs {
     /// Rank processes to start (must equal the spec's world size); 1 trains in this process.
     #[arg(long, default_value_t = 1)]
     pub nproc: u32,
+    /// `cpu`, `cuda` or (one process) `cuda:N`: overrides the spec's `resources` (`cuda`: one rank per GPU,
+    /// GPUs 0..nproc). Default: the spec's (`gpus_per_node > 0` → GPUs).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 /// `qctl logits --model DIR --tokens FILE.json`
@@ -121,7 +125,27 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     let text = std::fs::read_to_string(&args.job)
         .with_context(|| format!("cannot read {}", args.job.display()))?;
-    let spec = JobSpec::parse(&text, &args.job.display().to_string())?;
+    // `--device` replaces the spec's resources before validation, so the layout is checked against them.
+    let device = args.device.as_deref().map(parse_device).transpose()?;
+    let resources = match device {
+        None => None,
+        Some(qkernels::Device::Cpu) => Some(qjobspec::Resources { nodes: 1, gpus_per_node: 0, ranks: Some(args.nproc) }),
+        Some(qkernels::Device::Cuda(i)) => {
+            if args.nproc > 1 && i != 0 {
+                bail!("--device cuda:{i} picks one GPU for one process; with --nproc use --device cuda (GPUs 0..N)");
+            }
+            Some(qjobspec::Resources { nodes: 1, gpus_per_node: args.nproc, ranks: None })
+        }
+    };
+    let ordinal = match device {
+        Some(qkernels::Device::Cuda(i)) => Some(i),
+        _ => None,
+    };
+    let spec = JobSpec::parse_with(&text, &args.job.display().to_string(), |s| {
+        if let Some(r) = resources {
+            s.resources = r;
+        }
+    })?;
     if !matches!(spec.kind, JobKind::Pretrain | JobKind::Sft) {
         bail!(
             "{}: key `kind`: `{}` cannot run with --local (supported: pretrain, sft)",
@@ -140,7 +164,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if args.nproc > 1 {
         return train_ranks(&args, spec);
     }
-    let cfg = qworker::training::train_config(&spec)?;
+    let mut cfg = qworker::training::train_config(&spec)?;
+    let gpu = match ordinal {
+        Some(i) => Some(i),
+        None => qworker::rank::rank_gpu(
+            spec.resources.gpus_per_node,
+            0,
+            |k| std::env::var(k).ok(),
+            qparallel::comm::nccl::cuda_device_count,
+        )?,
+    };
+    let training = spec.training().expect("train_config checked the kind");
+    (cfg.device, cfg.compute_dtype) = qworker::training::placement(&training, gpu)?;
     let mut progress = Progress {
         bar: None,
         logging_steps: cfg.logging_steps,
@@ -208,7 +243,7 @@ fn train_ranks(args: &TrainArgs, mut spec: JobSpec) -> anyhow::Result<()> {
 }
 
 /// `cpu`, `cuda` or `cuda:N` (a GPU that cannot be opened is an error when first used, naming the reason).
-fn parse_device(s: &str) -> anyhow::Result<qkernels::Device> {
+pub(crate) fn parse_device(s: &str) -> anyhow::Result<qkernels::Device> {
     match s {
         "cpu" => Ok(qkernels::Device::Cpu),
         "cuda" => Ok(qkernels::Device::Cuda(0)),

@@ -98,7 +98,8 @@ struct ServeArgs {
     model: PathBuf,
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: std::net::SocketAddr,
-    /// `cpu` (CUDA serving is not available yet).
+    /// `cpu` (f32), `cuda` or `cuda:N` (bf16 weights, activations and KV cache; the KV pool takes 85% of the
+    /// GPU memory left free by the weights).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Require `Authorization: Bearer KEY` on /v1/*.
@@ -199,10 +200,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let device = match args.device.as_str() {
-        "cpu" => qkernels::Device::Cpu,
-        other => anyhow::bail!("--device {other}: only `cpu` serving is available in this build"),
-    };
+    let device = local::parse_device(&args.device)?;
     let mut config = qserve::ServeConfig::new(&args.model);
     config.listen = args.listen;
     config.device = device;

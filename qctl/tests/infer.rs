@@ -426,9 +426,12 @@ fn bad_models_and_flags_are_named() {
     let (success, _, stderr) = cmd(&model_dir(), &["--top-p", "2"]);
     assert!(!success);
     assert!(stderr.contains("--top-p must be in (0, 1]"), "{stderr}");
-    let (success, _, stderr) = cmd(&model_dir(), &["--device", "cuda"]);
+    let (success, _, stderr) = cmd(&model_dir(), &["--device", "tpu"]);
     assert!(!success);
-    assert!(stderr.contains("--device cuda"), "{stderr}");
+    assert!(stderr.contains("--device tpu"), "{stderr}");
+    // `--device cuda` runs on a GPU, or says why there is none.
+    let (success, _, stderr) = cmd(&model_dir(), &["--device", "cuda"]);
+    assert!(success || stderr.contains("cuda:0"), "{stderr}");
     let (success, _, stderr) = cmd(&model_dir(), &["--adapters", tmp.path().to_str().unwrap()]);
     assert!(!success);
     assert!(

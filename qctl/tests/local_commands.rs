@@ -221,3 +221,28 @@ fn train_local_runs_resumes_and_reports_errors_with_file_and_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn train_local_device_and_precision_choices_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    // bfloat16 on a CPU job names the key.
+    let job = write_job(tmp.path(), "torch_dtype: bfloat16\n");
+    let (ok, _, stderr) = run(qctl().args(["train", job.to_str().unwrap(), "--local"]));
+    assert!(!ok && stderr.contains("torch_dtype") && stderr.contains("GPU"), "{stderr}");
+    // An unknown precision is refused at parse time, with file and line.
+    let job = write_job(tmp.path(), "torch_dtype: float16\n");
+    let (ok, _, stderr) = run(qctl().args(["train", job.to_str().unwrap(), "--local"]));
+    assert!(!ok && stderr.contains("torch_dtype") && stderr.contains("job.yaml:"), "{stderr}");
+    // One GPU per process: cuda:N with several processes is refused before anything starts.
+    let job = write_job(tmp.path(), "");
+    let (ok, _, stderr) = run(qctl().args([
+        "train", job.to_str().unwrap(), "--local", "--nproc", "2", "--device", "cuda:1",
+    ]));
+    assert!(!ok && stderr.contains("--device cuda"), "{stderr}");
+    let (ok, _, stderr) = run(qctl().args(["train", job.to_str().unwrap(), "--local", "--device", "tpu"]));
+    assert!(!ok && stderr.contains("--device tpu"), "{stderr}");
+    // float32 is the CPU engine's precision: it trains.
+    let job = write_job(tmp.path(), "torch_dtype: float32\n");
+    let (ok, stdout, stderr) = run(qctl().args(["train", job.to_str().unwrap(), "--local", "--device", "cpu"]));
+    assert!(ok && stdout.contains("trained steps 1..=4"), "stdout: {stdout}\nstderr: {stderr}");
+}

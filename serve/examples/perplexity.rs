@@ -114,7 +114,7 @@ impl Source {
             Source::Dir(d) => InferenceModel::load(d, Device::Cpu, q)?,
             Source::Random(c) => {
                 let config = ModelConfig::from_file(c)?;
-                InferenceModel::from_model(Qwen3Model::random(config, 0, 0.02, Device::Cpu)?)
+                InferenceModel::from_model(Qwen3Model::random(config, 0, 0.02, Device::Cpu)?)?
                     .quantize(q)?
             }
         })

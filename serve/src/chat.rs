@@ -41,9 +41,6 @@ pub enum ChatError {
     /// A message the chat template cannot take (unknown role, non-text content part).
     #[error("{0}")]
     InvalidMessage(String),
-    /// The serving engine only runs on the CPU for now.
-    #[error("device {0} is not supported by the serving engine yet (use cpu)")]
-    UnsupportedDevice(Device),
     /// The generation ended with [`FinishReason::Abort`] (an engine failure).
     #[error("generation aborted: {0}")]
     Aborted(String),
@@ -345,12 +342,10 @@ impl std::fmt::Debug for ChatEngine {
 
 impl ChatEngine {
     /// Loads an HF model dir (`config.json`, safetensors, `tokenizer.json`, optional `tokenizer_config.json` /
-    /// `generation_config.json`) and starts its engine thread. Blocks while the weights load; with
+    /// `generation_config.json`) and starts its engine thread on `device` (the CPU in f32, or a GPU in bf16; see
+    /// [`crate::engine::model`]). Blocks while the weights load; with
     /// `config.quantization` set they are quantized layer by layer as they load ([`InferenceModel::load`]).
     pub fn load(dir: &Path, device: Device, config: EngineConfig) -> Result<Self, ChatError> {
-        if device != Device::Cpu {
-            return Err(ChatError::UnsupportedDevice(device));
-        }
         let model = InferenceModel::load(dir, device, config.quantization)?;
         let codec = TextCodec::from_dir(dir)?;
         ChatEngine::from_parts(model, codec, GenerationDefaults::from_dir(dir), config)

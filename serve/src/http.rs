@@ -52,7 +52,7 @@ pub struct ServeConfig {
     pub model_dir: PathBuf,
     /// Address to bind; port 0 picks a free one (see [`ServerHandle::local_addr`]).
     pub listen: SocketAddr,
-    /// Only `Device::Cpu` is supported for now.
+    /// Where the engine runs: `Device::Cpu` (f32) or `Device::Cuda(i)` (bf16 weights, activations and KV cache).
     pub device: Device,
     /// Require `Authorization: Bearer <key>` on `/v1/*`.
     pub api_key: Option<String>,
@@ -96,8 +96,6 @@ pub enum ServeError {
     },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
-    #[error("device {0} is not supported by the serving engine yet (use cpu)")]
-    UnsupportedDevice(Device),
     #[error("the server task failed: {0}")]
     Join(String),
 }
@@ -162,9 +160,6 @@ type Shared = Arc<AppState>;
 
 /// Loads the model and tokenizer, starts the engine thread and the HTTP server; returns once it listens.
 pub async fn serve(config: ServeConfig) -> Result<ServerHandle, ServeError> {
-    if config.device != Device::Cpu {
-        return Err(ServeError::UnsupportedDevice(config.device));
-    }
     let dir = config.model_dir.clone();
     let (device, engine_config) = (config.device, config.engine);
     let chat = tokio::task::spawn_blocking(move || ChatEngine::load(&dir, device, engine_config))

@@ -75,7 +75,7 @@ fn prompt_logits_match_the_training_model() {
         let model = Qwen3Model::from_hf_dir(fixture(name), Device::Cpu).unwrap();
         let prompt = ids(13, 1, model.config.vocab_size);
         let want = reference_logits(&model, &prompt);
-        let eng = InferenceModel::from_model(model);
+        let eng = InferenceModel::from_model(model).unwrap();
         let mut cache = eng.new_cache(small_cache()).unwrap();
         let mut table = BlockTable::default();
         cache.reserve(&mut table, prompt.len()).unwrap();
@@ -104,7 +104,7 @@ fn incremental_decode_and_chunked_prefill_equal_full_recompute() {
         let model = Qwen3Model::from_hf_dir(fixture(name), Device::Cpu).unwrap();
         let prompt = ids(17, 2, model.config.vocab_size);
         let want = reference_logits(&model, &prompt);
-        let eng = InferenceModel::from_model(model);
+        let eng = InferenceModel::from_model(model).unwrap();
         let mut cache = eng.new_cache(small_cache()).unwrap();
         let mut table = BlockTable::default();
         cache.reserve(&mut table, prompt.len()).unwrap();
@@ -134,7 +134,7 @@ fn incremental_decode_and_chunked_prefill_equal_full_recompute() {
 fn one_batched_forward_equals_separate_forwards() {
     let model = Qwen3Model::from_hf_dir(fixture("moe_norm_topk"), Device::Cpu).unwrap();
     let v = model.config.vocab_size;
-    let eng = InferenceModel::from_model(model);
+    let eng = InferenceModel::from_model(model).unwrap();
     let prompts: Vec<Vec<u32>> = [5usize, 1, 9, 3]
         .iter()
         .enumerate()

@@ -11,7 +11,9 @@
 use crate::rank::{RankEnv, RankLink};
 use anyhow::bail;
 use qcluster_proto::v1 as pb;
-use qjobspec::{JobSpec, LrDecayStyle, ModelSource as SpecModel, Resume as SpecResume};
+use qjobspec::{JobSpec, LrDecayStyle, ModelSource as SpecModel, Resume as SpecResume, TorchDtype, TrainingSettings};
+use qkernels::{DType, Device};
+use qparallel::comm::NcclGroup;
 use qparallel::data::{SftOptions, Truncation};
 use qparallel::lora::{LoraConfig, TargetModules};
 use qparallel::optim::{AdamWConfig, DecayStyle, Warmup};
@@ -223,6 +225,25 @@ pub fn parallel_dims(spec: &JobSpec, cfg: &TrainConfig) -> anyhow::Result<Parall
     ParallelDims::new(spec.world_size() as usize, config).map_err(|e| anyhow::anyhow!("key `parallel`: {e}"))
 }
 
+/// The device and compute precision of a training rank: its GPU (`gpu`, from [`crate::rank::rank_gpu`]) or the
+/// CPU. `torch_dtype: auto` is bf16 for full training on a GPU and f32 otherwise (LoRA trains through f32
+/// effective weights; the CPU engine is f32 only); an explicit `bfloat16` where it cannot run is an error naming
+/// the key.
+pub fn placement(t: &TrainingSettings, gpu: Option<usize>) -> anyhow::Result<(Device, DType)> {
+    let device = gpu.map_or(Device::Cpu, Device::Cuda);
+    let dtype = match (t.torch_dtype, gpu, t.lora.is_some()) {
+        (TorchDtype::Float32, _, _) | (TorchDtype::Auto, None, _) | (TorchDtype::Auto, Some(_), true) => DType::F32,
+        (TorchDtype::Auto | TorchDtype::Bfloat16, Some(_), false) => DType::BF16,
+        (TorchDtype::Bfloat16, None, _) => bail!(
+            "key `torch_dtype`: bfloat16 needs GPUs (resources.gpus_per_node > 0); the CPU engine computes in float32"
+        ),
+        (TorchDtype::Bfloat16, Some(_), true) => bail!(
+            "key `torch_dtype`: LoRA trains in float32 on GPUs for now; use torch_dtype: auto or float32"
+        ),
+    };
+    Ok((device, dtype))
+}
+
 /// How long a rank waits for any message of its peers (rank 0 loads and writes checkpoints while the others wait).
 const PEER_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -254,19 +275,45 @@ pub fn run_rank_training(env: &RankEnv, spec: &JobSpec, link: &mut RankLink) -> 
         spec.world_size()
     );
     let world_size = env.world_size as usize;
+    let gpu = crate::rank::rank_gpu(
+        spec.resources.gpus_per_node,
+        env.local_rank,
+        |k| std::env::var(k).ok(),
+        qparallel::comm::nccl::cuda_device_count,
+    )?;
+    let training = spec.training().expect("train_config checked the kind");
+    (cfg.device, cfg.compute_dtype) = placement(&training, gpu)?;
     let summary = if world_size == 1 {
+        eprintln!("rank 0: training on {} in {:?}", cfg.device, cfg.compute_dtype);
         let mut reporter = Reporter::new(link, &cfg);
         run_training(&cfg, &mut reporter)?
     } else {
         let dims = parallel_dims(spec, &cfg)?;
-        let world = cpu_world(env, link, PEER_TIMEOUT)?;
-        eprintln!(
-            "rank {}: {dims:?} on the CPU communicator ({})",
-            env.rank,
-            qparallel::train::EngineKind::for_dims(&dims).map(|k| format!("{k:?}")).unwrap_or_else(|e| e.to_string())
-        );
+        let engine =
+            qparallel::train::EngineKind::for_dims(&dims).map(|k| format!("{k:?}")).unwrap_or_else(|e| e.to_string());
         let mut reporter = Reporter::new(link, &cfg);
-        run_distributed_training(&world, dims, &cfg, &mut reporter)?
+        match gpu {
+            Some(ordinal) => {
+                let world = NcclGroup::init(
+                    ordinal,
+                    env.rank as usize,
+                    (0..world_size).collect(),
+                    "train-world",
+                    &mut *reporter.link,
+                    PEER_TIMEOUT,
+                )?;
+                eprintln!(
+                    "rank {}: {dims:?} on CUDA device {ordinal} over NCCL ({engine}, {:?})",
+                    env.rank, cfg.compute_dtype
+                );
+                run_distributed_training(&world, dims, &cfg, &mut reporter)?
+            }
+            None => {
+                let world = cpu_world(env, &mut *reporter.link, PEER_TIMEOUT)?;
+                eprintln!("rank {}: {dims:?} on the CPU communicator ({engine})", env.rank);
+                run_distributed_training(&world, dims, &cfg, &mut reporter)?
+            }
+        }
     };
     if env.rank != 0 {
         return Ok(None);

@@ -17,6 +17,10 @@
 //! - `tp-dp-parity`, `tp-dp`: two GPUs, tensor and data parallelism over NCCL against the one-GPU run, and their
 //!   step throughput (see [`tp_dp`]).
 //!
+//! - `serve --model MODEL --concurrency 1,16,64 --prompt-len 128 --new-tokens 128`: the serving engine (continuous
+//!   batching, paged KV cache, bf16) on one GPU, TTFT / TPOT / tokens per second next to
+//!   `../shared/bench/torch_generate.py` (see [`serve`]).
+//!
 //! See README.md beside this file.
 
 use std::error::Error;
@@ -29,6 +33,7 @@ use qkernels::{DType, Device, Tensor, cuda};
 use qparallel::hf::{self, HostTensor, TensorMap};
 use qparallel::model::{Batch, ModelConfig, Qwen3Model, Qwen3Params};
 
+mod serve;
 mod tp_dp;
 
 type R<T> = Result<T, Box<dyn Error>>;
@@ -71,13 +76,16 @@ fn main() -> ExitCode {
         Some("optim-parity") => optim_parity(),
         Some("tp-dp-parity") => tp_dp::parity(&args[1..]),
         Some("tp-dp") => tp_dp::throughput(&args[1..]),
+        Some("serve") => serve::serve(&args[1..]),
         _ => {
             eprintln!(
                 "usage: qcluster-gpu-bench parity [--fixtures DIR] [--tol X]\n       \
                  qcluster-gpu-bench train-step MODEL SEQ MBS STEPS [--ckpt] [--no-breakdown] [--optimizer]\n       \
                  qcluster-gpu-bench optim-parity\n       \
                  qcluster-gpu-bench tp-dp-parity [--fixtures DIR] [--tol X] [--rows FILE] [--layouts tp2,tp2sp,dp2]\n       \
-                 qcluster-gpu-bench tp-dp MODEL SEQ MBS STEPS [--layouts single,dp2,tp2,tp2sp]\n\
+                 qcluster-gpu-bench tp-dp MODEL SEQ MBS STEPS [--layouts single,dp2,tp2,tp2sp]\n       \
+                 qcluster-gpu-bench serve [--model MODEL] [--concurrency 1,16,64] [--prompt-len 128] [--new-tokens 128] \
+                 [--max-batch-tokens 8192] [--kv-fraction 0.85]\n\
                  MODEL: qwen3-0.6b | qwen3-1.7b | qwen3-4b | qwen3-8b | qwen3-50m"
             );
             return ExitCode::from(2);

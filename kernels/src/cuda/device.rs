@@ -194,6 +194,13 @@ impl CudaDev {
         self.pool.lock().expect("pool poisoned").stats
     }
 
+    /// `(free, total)` device memory in bytes as the driver sees it: the allocator's cached buffers count as
+    /// used (call [`CudaDev::release_cache`] first to count them as free).
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        Ok(dr::mem_get_info()?)
+    }
+
     fn size_class(bytes: usize) -> usize {
         const MIB: usize = 1 << 20;
         if bytes <= MIB {

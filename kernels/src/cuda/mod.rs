@@ -13,6 +13,9 @@
 //! - [`gemm`]: row-major GEMMs on cuBLASLt (bf16 or f32 in, f32 accumulate).
 //! - [`ops`]: the CUDA implementation of every op the model needs, called from the dispatch arms in
 //!   [`crate::ops`] and [`crate::Tensor`].
+//! - [`paged`]: launch wrappers of the inference kernels (`paged_attention.cu`: in-place cache writes,
+//!   decode/prefill attention through block tables, see [`crate::ops::paged_attention`]; `argmax.cu`: row
+//!   argmax for greedy decoding, see [`crate::ops::argmax`]).
 //! - [`optim`]: the fused AdamW step and the sum of squares for the gradient norm ([`crate::ops::adamw`]).
 //!
 //! Dtypes on CUDA: activations and weights may be `F32` or `BF16` (all float operands of one call share one
@@ -28,8 +31,10 @@
 //! - `attention.cu`: CUDA-core f32 FMAs, any float dtype, head_dim ≤ 256 — the fallback, 15–20× slower
 //!   ([`set_attention_tensor_cores`] forces it, for comparisons).
 //!
-//! Slow paths: `router_fwd` computes on the host (it is `[tokens, experts]`, tiny) and copies back; `router_bwd`
-//! already works through host reads. The GEMMs are cuBLASLt; grouped GEMMs are one cuBLASLt call per expert.
+//! MoE router ([`router`], `router.cu`): forward/backward, the aux-loss statistics and the MoE plan's counting
+//! sort run on the device; only the `[E+1]` expert counts come back to the host (the grouped GEMMs need them).
+//!
+//! The GEMMs are cuBLASLt; grouped GEMMs are one cuBLASLt call per expert.
 //!
 //! Ordering invariant: every kernel, copy and GEMM of a device runs on that device's single stream, so a buffer
 //! returned to the cache by a dropped tensor can be handed out again at once: its next user is queued after
@@ -40,6 +45,8 @@ pub mod gemm;
 pub mod nvrtc;
 pub mod ops;
 pub mod optim;
+pub mod paged;
+pub mod router;
 pub mod storage;
 
 use crate::device::Device;
@@ -133,6 +140,19 @@ pub fn set_poison_allocations(device: &Device, on: bool) -> Result<()> {
 
 pub use device::PoolStats;
 pub use ops::set_attention_tensor_cores;
+
+/// `(free, total)` bytes of `device` after handing the allocator's cached buffers back to the driver (`None` on the
+/// CPU). For sizing long-lived pools such as the serving engine's KV cache.
+pub fn memory_info(device: &Device) -> Result<Option<(usize, usize)>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(i) => {
+            let dev = device::get(*i)?;
+            dev.release_cache()?;
+            Ok(Some(dev.mem_info()?))
+        }
+    }
+}
 
 /// Allocator statistics of `device` (`None` on the CPU).
 pub fn pool_stats(device: &Device) -> Result<Option<PoolStats>> {

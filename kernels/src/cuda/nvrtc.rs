@@ -49,6 +49,12 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention_tc", include_str!("../../cuda/attention_tc.cu")),
     ("moe", include_str!("../../cuda/moe.cu")),
     ("optim", include_str!("../../cuda/optim.cu")),
+    ("router", include_str!("../../cuda/router.cu")),
+    (
+        "paged_attention",
+        include_str!("../../cuda/paged_attention.cu"),
+    ),
+    ("argmax", include_str!("../../cuda/argmax.cu")),
 ];
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {

@@ -2,7 +2,8 @@
 //!
 //! Invariants: the buffer holds at least `elem_count · dtype size` bytes, densely row-major; storages are never
 //! written after the op that created them returns (ops always allocate fresh outputs), so sharing a buffer
-//! between clones and reshapes is safe.
+//! between clones and reshapes is safe. Exception: the inference KV-cache pools, which
+//! [`crate::ops::kv_cache_write`] updates in place (stream-ordered; their owner never hands out clones).
 
 use std::sync::Arc;
 

@@ -15,15 +15,19 @@
 //! | [`cross_entropy`] | weighted mean CE; per-row statistics of one vocabulary shard (vocab-parallel CE) | `dlogits` (same pass); the shard's `dlogits` from the global `lse` |
 //! | [`router`] | softmax top-k router, aux-loss statistics | `dlogits` |
 //! | [`moe`] | token permute / weighted unpermute | scatter-add / `dyp`, `dweights` |
+//! | [`argmax`] | inference only: row argmax (greedy decoding on the device) | — |
+//! | [`paged_attention`] | inference only: in-place paged KV-cache write; causal GQA attention through block tables | — |
 //!
 //! Optimizer work on device tensors lives in [`adamw`] (fused AdamW step, sum of squares for the grad norm).
 
 pub mod adamw;
+pub mod argmax;
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod linear;
 pub mod moe;
+pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
 pub mod router;
@@ -43,6 +47,8 @@ pub use linear::{
     LinearGrads, grouped_linear_bwd, grouped_linear_fwd, linear_bwd, linear_fwd, matmul,
 };
 pub use moe::{MoePlan, moe_permute, moe_permute_bwd, moe_plan, moe_unpermute, moe_unpermute_bwd};
+pub use argmax::argmax_rows;
+pub use paged_attention::{kv_cache_write, paged_attention};
 pub use rmsnorm::{RmsNormGrads, RmsNormOut, rmsnorm_bwd, rmsnorm_fwd};
 pub use rope::{RopeTable, rope_bwd, rope_fwd};
 pub use router::{RouterOut, RouterStats, router_bwd, router_fwd};

@@ -9,6 +9,9 @@
 //! [`moe_unpermute`]: `yp [tokens·k, hidden]`, `weights [tokens, k]` → `y [tokens, hidden]`,
 //! `y_t = Σ_j weights[t, j] · yp[row(t, j)]`.
 //!
+//! [`moe_plan`] on CUDA counts and sorts on the device (`kernels/cuda/router.cu`, the same layout) and reads back
+//! only the `[experts + 1]` counts that `expert_offsets` needs on the host.
+//!
 //! Backward: permute is a gather, so its backward is a scatter-add over the `k` copies of each token;
 //! unpermute's backward gives `dyp[row(t, j)] = weights[t, j]·dy_t` and `dweights[t, j] = ⟨dy_t, yp[row(t, j)]⟩`.
 
@@ -46,6 +49,20 @@ pub fn moe_plan(topk_idx: &Tensor, num_experts: usize) -> Result<MoePlan> {
     topk_idx.expect_dtype(op, DType::U32)?;
     topk_idx.expect_rank(op, "topk_idx", 2)?;
     let (t, k) = (topk_idx.shape()[0], topk_idx.shape()[1]);
+    if topk_idx.is_cuda() {
+        // Counting and the stable sort on the device; only the [E+1] counts come back.
+        let (expert_offsets, row_token, slot_row, row_slot) =
+            crate::cuda::router::moe_plan(topk_idx, num_experts)?;
+        return Ok(MoePlan {
+            num_experts,
+            top_k: k,
+            tokens: t,
+            expert_offsets,
+            row_token,
+            slot_row,
+            row_slot,
+        });
+    }
     let idx = topk_idx.to_vec_u32()?;
     if let Some(bad) = idx.iter().find(|&&i| i as usize >= num_experts) {
         return Err(KernelError::invalid(

@@ -15,6 +15,12 @@
 //! gradient), so `∂aux/∂p_{l,t,e} = E·A_e/N²`, the same for every row of every layer. All rows count, as HF with
 //! `attention_mask=None`. The statistics are global over layers, so collect [`RouterStats`] from every layer's
 //! forward, merge them, and only then build the per-layer `dprobs` with [`RouterStats::aux_dprobs`].
+//!
+//! Devices: on CUDA every function here runs on the device ([`crate::cuda::router`], `kernels/cuda/router.cu`):
+//! `logits` may be F32 or BF16 there (F32 only on the CPU); the outputs have the same dtypes on both (`probs`,
+//! `topk_weight`, `dlogits` F32, `topk_idx` U32). [`RouterStats::from_router`] reads back only the `2·E`
+//! per-expert numbers (its column sums are f32 on CUDA, f64 on the CPU), and [`RouterStats::aux_dprobs`] uploads
+//! one `[E]` row and broadcasts it on the device.
 
 use crate::{DType, Device, KernelError, Result, Tensor};
 
@@ -33,15 +39,7 @@ pub struct RouterOut {
 pub fn router_fwd(logits: &Tensor, top_k: usize, norm_topk_prob: bool) -> Result<RouterOut> {
     let op = "router_fwd";
     if logits.is_cuda() {
-        // Slow path: the router is tiny ([tokens, experts]); compute it on the host and copy the results back.
-        let dev = logits.device();
-        let host = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let o = router_fwd(&host, top_k, norm_topk_prob)?;
-        return Ok(RouterOut {
-            probs: o.probs.to_device(&dev)?,
-            topk_idx: o.topk_idx.to_device(&dev)?,
-            topk_weight: o.topk_weight.to_device(&dev)?,
-        });
+        return crate::cuda::router::router_fwd(logits, top_k, norm_topk_prob);
     }
     logits.expect_dtype(op, DType::F32)?;
     logits.expect_rank(op, "logits", 2)?;
@@ -88,6 +86,9 @@ pub fn router_bwd(
     norm_topk_prob: bool,
 ) -> Result<Tensor> {
     let op = "router_bwd";
+    if out.probs.is_cuda() {
+        return crate::cuda::router::router_bwd(d_topk_weight, d_probs, out, norm_topk_prob);
+    }
     let (t, e) = (out.probs.shape()[0], out.probs.shape()[1]);
     let k = out.topk_idx.shape()[1];
     d_topk_weight.expect_dtype(op, DType::F32)?;
@@ -161,6 +162,13 @@ impl RouterStats {
     pub fn from_router(out: &RouterOut) -> Result<Self> {
         let e = out.probs.shape()[1];
         let mut s = RouterStats::new(e);
+        if out.probs.is_cuda() {
+            let (counts, sums) = crate::cuda::router::router_stats(out)?;
+            s.assignments = counts.into_iter().map(f64::from).collect();
+            s.prob_sums = sums.into_iter().map(f64::from).collect();
+            s.rows = out.probs.shape()[0] as f64;
+            return Ok(s);
+        }
         for i in out.topk_idx.to_vec_u32()? {
             s.assignments[i as usize] += 1.0;
         }
@@ -225,6 +233,9 @@ impl RouterStats {
                 }
             })
             .collect();
+        if let Device::Cuda(i) = device {
+            return crate::cuda::router::broadcast_row(&row, tokens, *i);
+        }
         let data: Vec<f32> = (0..tokens).flat_map(|_| row.iter().copied()).collect();
         Tensor::from_f32(data, &[tokens, e], device)
     }

@@ -49,3 +49,30 @@ mod tests {
         assert_eq!(acc, vec![0.0, 0.0]);
     }
 }
+
+/// `acc[name] += factor · g` for every gradient of `grads`, in f32 on the gradients' device (a gradient of another
+/// dtype is cast first; a name seen for the first time starts its sum). The device-side counterpart of
+/// [`accumulate`] + [`scale`] for micro-batch gradients weighted `W_m / W`.
+pub fn accumulate_scaled(
+    acc: &mut crate::model::NamedTensors,
+    grads: crate::model::NamedTensors,
+    factor: f32,
+) -> qkernels::Result<()> {
+    for (name, t) in grads {
+        let mut g = if t.dtype() == qkernels::DType::F32 {
+            t
+        } else {
+            t.to_dtype(qkernels::DType::F32)?
+        };
+        if factor != 1.0 {
+            g = g.scale(factor)?;
+        }
+        match acc.get_mut(&name) {
+            Some(a) => a.add_assign(&g)?,
+            None => {
+                acc.insert(name, g);
+            }
+        }
+    }
+    Ok(())
+}

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use qkernels::{DType, Tensor, ops};
 
-use super::{AdamWConfig, OptimError, clip_coefficient, decays};
+use super::{AdamWConfig, AdamWState, OptimError, clip_coefficient, decays};
+use crate::hf::{HostTensor, TensorMap};
 use crate::model::{NamedTensors, Qwen3Model, Qwen3Params};
 
 /// Errors of the device optimizer.
@@ -26,6 +27,16 @@ pub enum DeviceOptimError {
     /// The gradients handed to a step lack a parameter of the model.
     #[error("no gradient for parameter `{name}`")]
     MissingGrad { name: String },
+    /// A restored state names a parameter the optimizer does not have.
+    #[error("optimizer state for `{name}`, which the model does not have")]
+    UnknownParam { name: String },
+    /// A restored state's length differs from its parameter's.
+    #[error("`{name}` has {param_len} values, its optimizer state {state_len}")]
+    StateLength {
+        name: String,
+        param_len: usize,
+        state_len: usize,
+    },
 }
 
 /// Per-parameter device state.
@@ -117,6 +128,73 @@ impl DeviceAdamW {
         self.slots.get(name).map(|s| &s.master)
     }
 
+    /// Sets the number of steps taken (a resumed run: the next step's bias correction uses `steps + 1`).
+    pub fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
+    /// Uploads the moments of `name` from a checkpoint (`state.step` is ignored here: see
+    /// [`set_steps`](Self::set_steps)). Nothing changes on error.
+    pub fn restore(&mut self, name: &str, state: &AdamWState) -> Result<(), DeviceOptimError> {
+        let slot = self
+            .slots
+            .get_mut(name)
+            .ok_or_else(|| DeviceOptimError::UnknownParam { name: name.into() })?;
+        let n = slot.master.elem_count();
+        for len in [state.exp_avg.len(), state.exp_avg_sq.len()] {
+            if len != n {
+                return Err(DeviceOptimError::StateLength {
+                    name: name.into(),
+                    param_len: n,
+                    state_len: len,
+                });
+            }
+        }
+        let (shape, device) = (slot.master.shape().to_vec(), slot.master.device());
+        let exp_avg = Tensor::from_f32(state.exp_avg.clone(), &shape, &device)?;
+        let exp_avg_sq = Tensor::from_f32(state.exp_avg_sq.clone(), &shape, &device)?;
+        slot.exp_avg = exp_avg;
+        slot.exp_avg_sq = exp_avg_sq;
+        Ok(())
+    }
+
+    /// The masters and, once a step was taken, the moments (with the step count as every state's `step`) copied
+    /// to the host: what a checkpoint saves. Before the first step there are no states, as with
+    /// [`super::AdamW`], whose states appear at the first step.
+    pub fn to_host(&self) -> Result<(TensorMap, BTreeMap<String, AdamWState>), DeviceOptimError> {
+        self.to_host_filtered(&|_| true)
+    }
+
+    /// [`to_host`](Self::to_host) for the parameters `keep` selects only.
+    pub fn to_host_filtered(
+        &self,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(TensorMap, BTreeMap<String, AdamWState>), DeviceOptimError> {
+        let mut masters = TensorMap::new();
+        let mut states = BTreeMap::new();
+        for (name, slot) in self.slots.iter().filter(|(n, _)| keep(n)) {
+            let shape = slot.master.shape().to_vec();
+            masters.insert(
+                name.clone(),
+                HostTensor {
+                    shape,
+                    data: slot.master.to_vec_f32()?,
+                },
+            );
+            if self.steps > 0 {
+                states.insert(
+                    name.clone(),
+                    AdamWState {
+                        step: self.steps,
+                        exp_avg: slot.exp_avg.to_vec_f32()?,
+                        exp_avg_sq: slot.exp_avg_sq.to_vec_f32()?,
+                    },
+                );
+            }
+        }
+        Ok((masters, states))
+    }
+
     /// One step with learning rate `lr`: norm of `grads` (every parameter must have one), clip to `clip_grad`
     /// (0 = no clipping), AdamW on every master, the model's weights replaced by the new masters in its dtype.
     pub fn step(
@@ -145,7 +223,7 @@ impl DeviceAdamW {
     ) -> Result<DeviceStepReport, DeviceOptimError> {
         self.check_grads(grads)?;
         if !grad_norm.is_finite() {
-            self.steps += 1;
+            // Skipped: no state changes, and the bias-correction count does not advance (as the host AdamW).
             return Ok(DeviceStepReport {
                 grad_norm,
                 clip_coef: 1.0,

@@ -140,6 +140,13 @@ pub struct SaveRequest<'a> {
 
 /// Saves `trainer` as `checkpoint-<iteration>` under `req.output_dir` (see the module docs); returns its path.
 pub fn save(trainer: &Trainer, req: &SaveRequest<'_>) -> Result<PathBuf> {
+    if !trainer.host_state_current() {
+        return Err(TrainError::Invalid {
+            key: "checkpoint",
+            reason: "the optimizer state on the device was not copied to the host (Trainer::sync_host_state)"
+                .into(),
+        });
+    }
     let mut moments = TensorMap::new();
     let mut adam_steps = BTreeMap::new();
     for (name, st) in trainer.optimizer().states() {

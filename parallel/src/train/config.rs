@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use qkernels::{DType, Device};
+
 use crate::optim::{AdamWConfig, DecayStyle, Warmup};
 
 /// Where the initial weights come from.
@@ -74,6 +76,16 @@ pub struct TrainConfig {
     /// chat datasets (`path`, `path#N`, `self-cognition`) rendered with the model's chat template, see
     /// [`crate::data::sft`].
     pub sft: Option<crate::data::SftOptions>,
+    /// Where the model runs (one device per rank). On a GPU the optimizer keeps its f32 masters and moments on
+    /// the device too ([`crate::optim::DeviceAdamW`], one process) or in host ZeRO-1 shards (several ranks).
+    pub device: Device,
+    /// Weights and activations of the model: `F32`, or `BF16` on a GPU (masters, gradient sums and optimizer
+    /// states stay f32). The CPU engine is f32 only.
+    pub compute_dtype: DType,
+    /// Keep the optimizer as device tensors ([`crate::optim::DeviceAdamW`]; several ranks: replicated over dp
+    /// instead of ZeRO-1 host shards) even on the CPU backend — what GPU runs always do. Same maths and the same
+    /// checkpoint format; for tests and comparisons.
+    pub optimizer_on_device: bool,
 }
 
 impl TrainConfig {
@@ -111,6 +123,9 @@ impl TrainConfig {
             resume: Resume::Auto,
             lora: None,
             sft: None,
+            device: Device::Cpu,
+            compute_dtype: DType::F32,
+            optimizer_on_device: false,
         }
     }
 

@@ -96,7 +96,7 @@ use crate::data::{self, DataCursor, DataLoader, Dataset, TrainDataOptions};
 use crate::dims::ParallelDims;
 use crate::hf::{self, TensorMap};
 use crate::model::{Batch, ModelConfig, NamedTensors, Qwen3Model, Qwen3Params, param_shapes};
-use crate::optim::LrSchedule;
+use crate::optim::{AdamWState, DeviceAdamW, LrSchedule};
 use crate::pipeline::{PipelineGroups, PipelineModel};
 use crate::tensor_parallel::{ParallelGroups, TpModel, split_batch_rows};
 use crate::zero::{DistributedOptimizer, ParamSet, ZeroConfig};
@@ -221,7 +221,16 @@ pub fn run_distributed_training(
             ),
         });
     }
+    if matches!(cfg.device, Device::Cuda(_)) && kind != EngineKind::TensorParallel {
+        return Err(TrainError::Invalid {
+            key: "parallel",
+            reason: format!(
+                "on GPUs the engine trains dp × tp (± sp) layouts; {kind:?} (pp, cp or ep) runs on CPU ranks only for now"
+            ),
+        });
+    }
     let rank = world.rank();
+    // Rank 0 reads the start on the host; `share_start` puts the weights on the run's device.
     let device = Device::Cpu;
 
     // Rank 0 decides where to start and loads the weights; everyone receives them.
@@ -231,13 +240,14 @@ pub fn run_distributed_training(
         let shared = share_start(
             world,
             loaded.as_ref().map(|(s, _)| s).map_err(|e| e.to_string()),
+            cfg.device,
         );
         // Rank 0's own error, not the "rank 0 failed" its peers get.
         let (_, source) = loaded?;
         save_source = source;
         shared?
     } else {
-        share_start(world, Err(String::new()))?
+        share_start(world, Err(String::new()), cfg.device)?
     };
     let Start {
         config,
@@ -255,6 +265,9 @@ pub fn run_distributed_training(
     };
     let mut engine = Engine::build(kind, world, dims, &config, &params, cfg, zero)?;
     drop(params);
+    // The optimizer took its f32 masters from the weights above; now the compute copy may become bf16.
+    let cast = engine.cast_params(cfg.compute_dtype);
+    agree(world, cast, "casting its weights")?;
     let setup = (|| -> Result<_> {
         let map = engine.measure_map(&config)?;
         if let Some((m, v, adam_step)) = &moments {
@@ -262,13 +275,7 @@ pub fn run_distributed_training(
         }
         if let (true, Some(dir)) = (sharded, &resumed_from) {
             let shards = ShardedOptimizer::open(dir)?;
-            let vals = shards.read_shard(engine.optimizer(), &map)?;
-            engine.optimizer_mut().restore_shard(
-                &vals.master,
-                &vals.exp_avg,
-                &vals.exp_avg_sq,
-                shards.adam_step(),
-            )?;
+            engine.restore_shards(&shards, &map)?;
         }
         let dataset = data::load_train_data(
             &cfg.dataset,
@@ -517,6 +524,7 @@ fn load_start(cfg: &TrainConfig, device: Device) -> Result<(Start, SaveSource)> 
 fn share_start(
     world: &dyn Communicator,
     loaded: std::result::Result<&Start, String>,
+    device: Device,
 ) -> Result<Start> {
     let root = world.rank() == 0;
     let header = if root {
@@ -563,13 +571,13 @@ fn share_start(
     };
     let config = ModelConfig::from_json_value(&config, "the start header")
         .map_err(crate::model::ModelError::from)?;
-    let device = Device::Cpu;
     let shapes = param_shapes(&config);
     let n: usize = shapes
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    let share = |pick: &dyn Fn(&Start) -> Option<&Qwen3Params>| -> Result<Qwen3Params> {
+    // The weights go to the run's device; the moments stay on the host (the optimizer shards are host vectors).
+    let share = |pick: &dyn Fn(&Start) -> Option<&Qwen3Params>, device: Device| -> Result<Qwen3Params> {
         let mut flat = match &loaded {
             Ok(s) if root => {
                 let p = pick(s).expect("checked by the header");
@@ -592,10 +600,10 @@ fn share_start(
             Ok(t)
         })?)
     };
-    let params = share(&|s| Some(&s.params))?;
+    let params = share(&|s| Some(&s.params), device)?;
     let moments = if has_moments {
-        let m = share(&|s| s.moments.as_ref().map(|(m, _, _)| m))?;
-        let v = share(&|s| s.moments.as_ref().map(|(_, v, _)| v))?;
+        let m = share(&|s| s.moments.as_ref().map(|(m, _, _)| m), Device::Cpu)?;
+        let v = share(&|s| s.moments.as_ref().map(|(_, v, _)| v), Device::Cpu)?;
         let step = match &loaded {
             Ok(s) if root => s.moments.as_ref().map_or(0, |(_, _, k)| *k),
             _ => 0,
@@ -762,6 +770,13 @@ enum Engine {
         model: Box<TpModel>,
         opt: DistributedOptimizer,
     },
+    /// dp × tp (± sp) on GPUs: gradients summed and dp-reduced on the device (NCCL), AdamW on f32 masters kept on
+    /// the device, replicated over dp ([`DeviceAdamW`]); `clip_grad` 0 = no clipping.
+    TpDevice {
+        model: Box<TpModel>,
+        opt: DeviceAdamW,
+        clip_grad: f64,
+    },
     Pp {
         model: Box<PipelineModel>,
         opt: DistributedOptimizer,
@@ -824,10 +839,19 @@ impl Engine {
                 let groups = ParallelGroups::new(world, &dims, config)?;
                 let model = TpModel::from_full(config, params, dims, rank, groups)?
                     .with_gradient_checkpointing(cfg.gradient_checkpointing);
-                let opt = DistributedOptimizer::new(zero, cfg.adam, &model)?;
-                Engine::Tp {
-                    model: Box::new(model),
-                    opt,
+                if matches!(model.device(), Device::Cuda(_)) || cfg.optimizer_on_device {
+                    let opt = DeviceAdamW::for_params(&model.params, cfg.adam, cfg.weight_decay)?;
+                    Engine::TpDevice {
+                        model: Box::new(model),
+                        opt,
+                        clip_grad: cfg.clip_grad,
+                    }
+                } else {
+                    let opt = DistributedOptimizer::new(zero, cfg.adam, &model)?;
+                    Engine::Tp {
+                        model: Box::new(model),
+                        opt,
+                    }
                 }
             }
             EngineKind::Pipeline => {
@@ -865,6 +889,20 @@ impl Engine {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
                 opt.restore_moments(&lm.to_named(), &lv.to_named(), adam_step)?;
             }
+            Engine::TpDevice { model, opt, .. } => {
+                let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
+                let mut lv = lv.to_named();
+                for (name, t) in lm.to_named() {
+                    let v = lv.remove(&name).expect("m and v have the same layout");
+                    let state = AdamWState {
+                        step: adam_step,
+                        exp_avg: t.to_vec_f32().map_err(crate::model::ModelError::from)?,
+                        exp_avg_sq: v.to_vec_f32().map_err(crate::model::ModelError::from)?,
+                    };
+                    opt.restore(&name, &state)?;
+                }
+                opt.set_steps(adam_step);
+            }
             Engine::Pp { model, opt } => {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
                 opt.restore_moments(&lm.to_named(), &lv.to_named(), adam_step)?;
@@ -880,7 +918,6 @@ impl Engine {
     /// One optimizer step over the global micro-batches `batches` (weights `weights`, `Σ > 0`). Collective.
     fn step(&mut self, batches: &[Batch], weights: &[f64], lr: f64) -> Result<StepOut> {
         let total: f64 = weights.iter().sum();
-        let device = Device::Cpu;
         let mut out = StepOut {
             loss: 0.0,
             ce_loss: 0.0,
@@ -909,8 +946,35 @@ impl Engine {
                     add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
                     sum.add(o.grads, frac as f32)?;
                 }
-                let grads = sum.finish(&device)?;
+                let grads = sum.finish(&model.device())?;
                 opt.step(model, &grads, lr)?
+            }
+            Engine::TpDevice {
+                model,
+                opt,
+                clip_grad,
+            } => {
+                let dims = *model.dims();
+                let mut grads = NamedTensors::new();
+                for (b, &w) in batches.iter().zip(weights) {
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let local = split_batch_rows(b, dims.dp(), model.dp_rank())?;
+                    let o = model.forward_backward(&local)?;
+                    let frac = w / total;
+                    add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
+                    crate::optim::accumulate_scaled(&mut grads, o.grads, frac as f32)
+                        .map_err(crate::model::ModelError::from)?;
+                }
+                model.reduce_dp_grads(&mut grads)?;
+                let norm = model.grad_norm(&grads)?;
+                let r = opt.step_params(&mut model.params, &grads, lr, *clip_grad, norm)?;
+                crate::zero::StepStats {
+                    grad_norm: r.grad_norm,
+                    clip_coef: r.clip_coef,
+                    skipped: r.skipped,
+                }
             }
             Engine::Pp { model, opt } => {
                 let dims = *model.dims();
@@ -934,7 +998,7 @@ impl Engine {
                     add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
                     sum.add(o.grads, frac as f32)?;
                 }
-                let grads = sum.finish(&device)?;
+                let grads = sum.finish(&Device::Cpu)?; // cp/ep run on CPU ranks only (see run_distributed_training)
                 model.step(opt, &grads, lr)?
             }
         };
@@ -943,17 +1007,73 @@ impl Engine {
         Ok(out)
     }
 
-    /// This rank's optimizer.
-    fn optimizer(&self) -> &DistributedOptimizer {
+    /// AdamW steps taken (the checkpoint's `adam_step`).
+    fn adam_steps(&self) -> u64 {
         match self {
-            Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => opt,
+            Engine::TpDevice { opt, .. } => opt.steps(),
+            Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => opt.steps(),
         }
     }
 
-    fn optimizer_mut(&mut self) -> &mut DistributedOptimizer {
+    /// Restores this rank's optimizer state from a sharded checkpoint: its ZeRO shard, or every local parameter
+    /// whole for the device optimizer (whose masters are already the checkpoint's weights).
+    fn restore_shards(&mut self, shards: &ShardedOptimizer, map: &GlobalMap) -> Result<()> {
         match self {
-            Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => opt,
+            Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => {
+                let vals = shards.read_shard(opt, map)?;
+                opt.restore_shard(&vals.master, &vals.exp_avg, &vals.exp_avg_sq, shards.adam_step())?;
+            }
+            Engine::TpDevice { model, opt, .. } => {
+                let mut params = Vec::new();
+                model.params.visit(&mut |n, t| params.push((n, t.elem_count())));
+                let vals = shards.read_params(&params, map)?;
+                let mut at = 0;
+                for (name, n) in &params {
+                    let state = AdamWState {
+                        step: shards.adam_step(),
+                        exp_avg: vals.exp_avg[at..at + n].to_vec(),
+                        exp_avg_sq: vals.exp_avg_sq[at..at + n].to_vec(),
+                    };
+                    opt.restore(name, &state)?;
+                    at += n;
+                }
+                opt.set_steps(shards.adam_step());
+            }
         }
+        Ok(())
+    }
+
+    /// Writes this rank's optimizer shard into the temporary checkpoint `tmp` (see the module docs).
+    fn write_optimizer_shard(&self, tmp: &std::path::Path, rank: usize, map: &GlobalMap) -> Result<()> {
+        match self {
+            Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => {
+                optimizer_shards::write_shard(tmp, rank, opt, map, &|n| self.owns(n))?;
+            }
+            Engine::TpDevice { model, opt, .. } => {
+                let mut owned = Vec::new();
+                model.params.visit(&mut |n, t| {
+                    if self.owns(&n) {
+                        owned.push((n, t.elem_count()));
+                    }
+                });
+                let (masters, states) = opt.to_host_filtered(&|n| self.owns(n))?;
+                let pieces = owned
+                    .iter()
+                    .map(|(name, n)| {
+                        let st = &states[name];
+                        optimizer_shards::PieceState {
+                            name,
+                            param: 0..*n,
+                            master: masters[name].data.clone(),
+                            exp_avg: st.exp_avg.clone(),
+                            exp_avg_sq: st.exp_avg_sq.clone(),
+                        }
+                    })
+                    .collect();
+                optimizer_shards::write_pieces(tmp, rank, map, pieces)?;
+            }
+        }
+        Ok(())
     }
 
     /// Does this rank write the optimizer state of its local parameter `name` (its ZeRO pieces of it)? The rank
@@ -961,6 +1081,8 @@ impl Engine {
     fn owns(&self, name: &str) -> bool {
         match self {
             Engine::Tp { model, .. } => model.counts_in_norm(name),
+            // Replicated over dp: dp rank 0 writes.
+            Engine::TpDevice { model, .. } => model.dp_rank() == 0 && model.counts_in_norm(name),
             Engine::Pp { model, .. } => model.counts_in_norm(name),
             Engine::CpEp { model, .. } => model.counts_in_norm(name),
         }
@@ -985,7 +1107,7 @@ impl Engine {
                 }
             };
         GlobalMap::measure(config, &|full| match self {
-            Engine::Tp { model, .. } => {
+            Engine::Tp { model, .. } | Engine::TpDevice { model, .. } => {
                 let l = model.local_from_full(full)?;
                 values(&|f| l.visit_params(f))
             }
@@ -1000,10 +1122,40 @@ impl Engine {
         })
     }
 
-    /// The full weights (collective over every group that splits the model).
+    /// Casts this rank's weights to `dtype` (the masters stay f32 in the optimizer). No communication.
+    fn cast_params(&mut self, dtype: qkernels::DType) -> Result<()> {
+        use crate::zero::ParamSet;
+        let r = match self {
+            Engine::Tp { model, .. } | Engine::TpDevice { model, .. } => model.params.cast_params(dtype),
+            Engine::Pp { model, .. } => model.params.cast_params(dtype),
+            Engine::CpEp { model, .. } => model.params.cast_params(dtype),
+        };
+        r.map_err(|e| crate::model::ModelError::from(e).into())
+    }
+
+    /// The full weights in f32 (collective over every group that splits the model; with bf16 compute weights
+    /// the f32 masters, all-gathered over dp first).
     fn gather_params(&self) -> Result<Qwen3Params> {
         Ok(match self {
+            Engine::Tp { model, opt } if model.params.embed_tokens.dtype() != qkernels::DType::F32 => {
+                let mut local = model.params.clone();
+                opt.masters_into(&mut local, &*model.groups().dp)?;
+                model.gather_full(&local)?
+            }
             Engine::Tp { model, .. } => model.gather_full_params()?,
+            Engine::TpDevice { model, opt, .. } => {
+                // The f32 masters, laid out like the (maybe bf16) weights.
+                let mut local = model.params.clone();
+                let mut missing = None;
+                local.visit_mut(&mut |n, t| match opt.master(&n) {
+                    Some(m) => *t = m.clone(),
+                    None => missing = Some(n),
+                });
+                if let Some(name) = missing {
+                    return Err(crate::optim::DeviceOptimError::UnknownParam { name }.into());
+                }
+                model.gather_full(&local)?
+            }
             Engine::Pp { model, .. } => model.gather_full_params()?,
             Engine::CpEp { model, .. } => model.gather_full_params()?,
         })
@@ -1022,8 +1174,7 @@ impl Engine {
         skipped_steps: u64,
     ) -> Result<PathBuf> {
         let params = self.gather_params()?;
-        let opt = self.optimizer();
-        let adam_step = opt.steps();
+        let adam_step = self.adam_steps();
         let root = world.rank() == 0;
         let phase = format!("writing checkpoint-{step}");
         // 1. Rank 0: model, trainer state, optimizer index.
@@ -1072,8 +1223,7 @@ impl Engine {
         let tmp = PathBuf::from(String::from_utf8_lossy(&tmp).into_owned());
         // 2. Every rank: its own optimizer shard.
         let wrote = if adam_step > 0 {
-            optimizer_shards::write_shard(&tmp, world.rank(), opt, map, &|n| self.owns(n))
-                .map(|_| ())
+            self.write_optimizer_shard(&tmp, world.rank(), map)
         } else {
             Ok(())
         };

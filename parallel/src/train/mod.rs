@@ -43,7 +43,8 @@ pub mod tensorboard;
 mod trainer;
 
 pub use checkpoint::{
-    CHECKPOINT_PREFIX, OPTIMIZER_FILE, TRAINER_STATE_FILE, TrainerState, find_latest_checkpoint,
+    CHECKPOINT_PREFIX, OPTIMIZER_FILE, SaveRequest, TRAINER_STATE_FILE, TrainerState,
+    find_latest_checkpoint, read_optimizer, read_state, save as save_checkpoint,
     write_f32_safetensors,
 };
 pub use config::{ModelSource, Resume, TrainConfig};
@@ -77,6 +78,8 @@ pub enum TrainError {
     Hf(#[from] HfError),
     #[error(transparent)]
     Optim(#[from] OptimError),
+    #[error(transparent)]
+    DeviceOptim(#[from] crate::optim::DeviceOptimError),
     #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]

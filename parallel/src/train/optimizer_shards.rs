@@ -237,6 +237,16 @@ pub fn write_index(
     write_json(&odir.join(INDEX_FILE), &index)
 }
 
+/// One piece of optimizer state a rank owns: elements `param` (row-major) of its local parameter `name`, with the
+/// f32 master values and AdamW moments of exactly those elements.
+pub struct PieceState<'a> {
+    pub name: &'a str,
+    pub param: std::ops::Range<usize>,
+    pub master: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
 /// Writes this rank's shard (`shard-<rank>.{json,safetensors}`) into `dir/optimizer/` (created by
 /// [`write_index`] before): the pieces of `opt`'s ZeRO shard whose parameter `owns`, with their global ranges from
 /// `map`. Returns how many f32 values per kind (master / exp_avg / exp_avg_sq) it wrote.
@@ -247,22 +257,41 @@ pub fn write_shard(
     map: &GlobalMap,
     owns: &dyn Fn(&str) -> bool,
 ) -> Result<usize> {
-    let odir = dir.join(OPTIMIZER_DIR);
-    let (meta_name, file) = shard_names(rank);
     let states: HashMap<&str, &AdamWState> = opt.shard_states().collect();
     let master = opt.master_shard();
+    let pieces = opt
+        .shard_pieces()
+        .into_iter()
+        .filter(|p| owns(p.name))
+        .map(|piece| {
+            let n = piece.param.len();
+            let (m, v) = match states.get(piece.name) {
+                Some(st) => (st.exp_avg.clone(), st.exp_avg_sq.clone()),
+                None => (vec![0.0; n], vec![0.0; n]),
+            };
+            PieceState {
+                name: piece.name,
+                param: piece.param,
+                master: master[piece.shard].to_vec(),
+                exp_avg: m,
+                exp_avg_sq: v,
+            }
+        })
+        .collect();
+    write_pieces(dir, rank, map, pieces)
+}
+
+/// Writes `pieces` as this rank's shard (`shard-<rank>.{json,safetensors}`) into `dir/optimizer/`, each with its
+/// global ranges from `map`: the one writer behind [`write_shard`] (ZeRO shards) and the device optimizer's
+/// whole-parameter pieces. Returns how many f32 values per kind it wrote.
+pub fn write_pieces(dir: &Path, rank: usize, map: &GlobalMap, pieces: Vec<PieceState<'_>>) -> Result<usize> {
+    let odir = dir.join(OPTIMIZER_DIR);
+    let (meta_name, file) = shard_names(rank);
     let mut tensors = TensorMap::new();
     let mut ranges = Vec::new();
     let mut written = 0;
-    for piece in opt.shard_pieces() {
-        if !owns(piece.name) {
-            continue;
-        }
+    for piece in pieces {
         let n = piece.param.len();
-        let (m, v) = match states.get(piece.name) {
-            Some(st) => (st.exp_avg.clone(), st.exp_avg_sq.clone()),
-            None => (vec![0.0; n], vec![0.0; n]),
-        };
         let key = piece.name.to_string();
         for r in map.runs_in(piece.name, piece.param.clone())? {
             ranges.push(ShardRange {
@@ -277,12 +306,9 @@ pub fn write_shard(
             shape: vec![n],
             data,
         };
-        tensors.insert(
-            format!("master.{key}"),
-            one_d(master[piece.shard.clone()].to_vec()),
-        );
-        tensors.insert(format!("exp_avg.{key}"), one_d(m));
-        tensors.insert(format!("exp_avg_sq.{key}"), one_d(v));
+        tensors.insert(format!("master.{key}"), one_d(piece.master));
+        tensors.insert(format!("exp_avg.{key}"), one_d(piece.exp_avg));
+        tensors.insert(format!("exp_avg_sq.{key}"), one_d(piece.exp_avg_sq));
         written += n;
     }
     write_f32_safetensors(&odir.join(&file), &tensors)?;
@@ -511,6 +537,20 @@ impl ShardedOptimizer {
             }
         }
         Ok(out)
+    }
+
+    /// Reads the whole state of the local parameters `params` (`(name, numel)`, in this order) through `map`,
+    /// concatenated in that order (the device optimizer, which holds every local parameter whole).
+    pub fn read_params(&self, params: &[(String, usize)], map: &GlobalMap) -> Result<StateValues> {
+        let mut wants = Vec::new();
+        let mut at = 0;
+        for (name, n) in params {
+            for r in map.runs_in(name, 0..*n)? {
+                wants.push((map.params[r.param].0.as_str(), r.offset..r.offset + r.len, at + r.local));
+            }
+            at += n;
+        }
+        self.read(at, &wants)
     }
 
     /// Reads the state of `opt`'s ZeRO shard (every piece, owned or replicated) through `map`, in the layout of

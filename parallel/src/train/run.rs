@@ -18,7 +18,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use qkernels::Device;
+use qkernels::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, SaveRequest};
@@ -136,10 +136,10 @@ pub struct TrainSummary {
     pub stopped_early: bool,
 }
 
-/// Runs (or resumes) the training described by `cfg` on the CPU device, reporting to `observer`.
+/// Runs (or resumes) the training described by `cfg` on `cfg.device`, reporting to `observer`.
 pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
     check_config(cfg)?;
-    let device = Device::Cpu;
+    let device = cfg.device;
     std::fs::create_dir_all(&cfg.output_dir).map_err(io_err(&cfg.output_dir))?;
     hf::remove_stale_temp_dirs(&cfg.output_dir)?;
 
@@ -212,8 +212,12 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
             };
             Trainer::new_lora(model, opts, lc.clone(), adapters)?
         }
+        _ if cfg.optimizer_on_device => Trainer::with_device_optimizer(model, opts)?,
         _ => Trainer::new(model, opts)?,
     };
+    if cfg.compute_dtype != DType::F32 {
+        trainer.cast_model(cfg.compute_dtype)?;
+    }
     let (cursor, mut total_tokens) = match &resume_dir {
         Some(dir) => {
             let state = read_resume_state(dir, cfg)?;
@@ -230,7 +234,7 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
     let tb_dir = cfg.output_dir.join(TENSORBOARD_DIR);
     std::fs::create_dir_all(&tb_dir).map_err(io_err(&tb_dir))?;
     let mut tensorboard = EventWriter::create(&tb_dir).map_err(io_err(&tb_dir))?;
-    let trainable_params = trainer.master().values().map(|t| t.data.len() as u64).sum();
+    let trainable_params = trainer.trainable_params();
 
     observer.on_start(&RunInfo {
         start_step,
@@ -284,6 +288,7 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
             write_tensorboard(&mut tensorboard, &metrics)?;
         }
         if stats.step.is_multiple_of(cfg.save_steps) || last {
+            trainer.sync_host_state()?;
             let dir = checkpoint::save(
                 &trainer,
                 &SaveRequest {
@@ -459,6 +464,21 @@ pub(crate) fn check_config(cfg: &TrainConfig) -> Result<()> {
             key: "dataset",
             reason: "no files given".into(),
         });
+    }
+    match (cfg.compute_dtype, cfg.device) {
+        (DType::F32, _) | (DType::BF16, Device::Cuda(_)) => {}
+        (DType::BF16, Device::Cpu) => {
+            return Err(TrainError::Invalid {
+                key: "torch_dtype",
+                reason: "bfloat16 needs a GPU; the CPU engine computes in float32".into(),
+            });
+        }
+        (other, _) => {
+            return Err(TrainError::Invalid {
+                key: "torch_dtype",
+                reason: format!("{other:?} is not a compute precision (use bfloat16 or float32)"),
+            });
+        }
     }
     Ok(())
 }

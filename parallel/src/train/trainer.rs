@@ -9,14 +9,24 @@
 //! device) and the adapter gradients come from `G = dL/dW'` as `dA = s·Bᵀ·G`, `dB = s·G·Aᵀ` (see
 //! [`crate::lora`]). After every update `W'` is recomputed from `W` and the new masters, so the model's target
 //! weights always equal [`lora::effective_weight`] of the masters bit for bit and every other weight is the base's.
+//!
+//! # Where the optimizer runs
+//!
+//! A model on the CPU (and every LoRA run) keeps its masters and AdamW states on the host ([`AdamW`]). A full
+//! training run of a model on a GPU ([`Trainer::new`] on a CUDA model, or [`Trainer::with_device_optimizer`])
+//! keeps them on the model's device ([`DeviceAdamW`]): the micro-batch gradients are summed in f32 on the device,
+//! the norm, clipping and update run there, and the model's weights are rewritten in their own dtype (bf16 after
+//! [`Trainer::cast_model`]). The host copies ([`Trainer::master`], [`Trainer::optimizer`]) are then refreshed only
+//! by [`Trainer::sync_host_state`], which a checkpoint needs first ([`Trainer::host_state_current`]). Same maths
+//! on both: the device optimizer on a CPU model equals the host one (`parallel/tests/train_loop.rs`).
 
-use qkernels::Tensor;
+use qkernels::{DType, Tensor};
 
 use super::{Result, TrainError};
 use crate::hf::{HostTensor, TensorMap};
 use crate::lora::{self, LoraAdapters, LoraConfig};
 use crate::model::{Batch, ModelError, NamedTensors, Qwen3Model};
-use crate::optim::{self, AdamW, AdamWConfig, AdamWState, LrSchedule, ParamSlot};
+use crate::optim::{self, AdamW, AdamWConfig, AdamWState, DeviceAdamW, LrSchedule, ParamSlot};
 
 /// Optimizer settings of a [`Trainer`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,10 +95,27 @@ struct LoraState {
     targets: Vec<LoraTarget>,
 }
 
+/// The optimizer on the model's device (see the module docs).
+struct DeviceState {
+    opt: DeviceAdamW,
+    /// `Trainer::master` / `Trainer::optimizer` hold the device state as of now.
+    host_current: bool,
+}
+
+/// Loss sums of one global batch (the gradients went to a sink).
+struct BatchSums {
+    loss: f64,
+    ce_loss: f64,
+    aux_loss: Option<f64>,
+    tokens: usize,
+    loss_weight: f64,
+}
+
 /// Model + optimizer on one process (see [`crate::train`]).
 pub struct Trainer {
     model: Qwen3Model,
-    /// fp32 master weights by HF name (LoRA: the adapter factors by PEFT key).
+    /// fp32 master weights by HF name (LoRA: the adapter factors by PEFT key). With a device optimizer: the copy
+    /// of the last [`Trainer::sync_host_state`].
     master: TensorMap,
     optimizer: AdamW,
     opts: OptimizerOptions,
@@ -96,6 +123,7 @@ pub struct Trainer {
     iteration: u64,
     skipped: u64,
     lora: Option<LoraState>,
+    device: Option<DeviceState>,
 }
 
 fn check_options(opts: &OptimizerOptions) -> Result<()> {
@@ -171,13 +199,18 @@ impl Trainer {
                 scaling,
                 targets,
             }),
+            device: None,
         };
         t.upload()?;
         Ok(t)
     }
 
-    /// Wraps `model`; its current parameters become the master weights.
+    /// Wraps `model`; its current parameters become the master weights — on the host for a CPU model, on the
+    /// model's GPU otherwise (see the module docs).
     pub fn new(model: Qwen3Model, opts: OptimizerOptions) -> Result<Self> {
+        if matches!(model.device(), qkernels::Device::Cuda(_)) {
+            return Trainer::with_device_optimizer(model, opts);
+        }
         check_options(&opts)?;
         let master = model.params.to_host()?;
         let optimizer = AdamW::new(opts.adam)?;
@@ -189,7 +222,83 @@ impl Trainer {
             iteration: 0,
             skipped: 0,
             lora: None,
+            device: None,
         })
+    }
+
+    /// Wraps `model` with the optimizer on the model's device ([`DeviceAdamW`]) whatever that device is: its
+    /// current parameters, cast to f32, become the masters. Build it before [`Trainer::cast_model`], so the
+    /// masters keep full precision.
+    pub fn with_device_optimizer(model: Qwen3Model, opts: OptimizerOptions) -> Result<Self> {
+        check_options(&opts)?;
+        let opt = DeviceAdamW::new(&model, opts.adam, opts.weight_decay)?;
+        let optimizer = AdamW::new(opts.adam)?;
+        let mut t = Trainer {
+            model,
+            master: TensorMap::new(),
+            optimizer,
+            opts,
+            iteration: 0,
+            skipped: 0,
+            lora: None,
+            device: Some(DeviceState {
+                opt,
+                host_current: false,
+            }),
+        };
+        t.sync_host_state()?;
+        Ok(t)
+    }
+
+    /// Casts the model's weights to `dtype` (bf16 compute on a GPU); the masters keep f32. Only with the device
+    /// optimizer, which writes the updated weights back in the model's dtype.
+    pub fn cast_model(&mut self, dtype: DType) -> Result<()> {
+        if self.device.is_none() && dtype != DType::F32 {
+            return Err(TrainError::Invalid {
+                key: "torch_dtype",
+                reason: format!(
+                    "{dtype:?} weights need the optimizer on the model's device (a GPU run without LoRA)"
+                ),
+            });
+        }
+        crate::zero::ParamSet::cast_params(&mut self.model.params, dtype)
+            .map_err(ModelError::from)?;
+        Ok(())
+    }
+
+    /// True when the device optimizer runs the update ([`Trainer::with_device_optimizer`]).
+    pub fn optimizer_on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Whether [`Trainer::master`] and [`Trainer::optimizer`] hold the current state (always, with the host
+    /// optimizer; after [`Trainer::sync_host_state`] with the device one).
+    pub fn host_state_current(&self) -> bool {
+        self.device.as_ref().is_none_or(|d| d.host_current)
+    }
+
+    /// Copies the device optimizer's masters and moments to the host copies (no-op with the host optimizer).
+    pub fn sync_host_state(&mut self) -> Result<()> {
+        let Some(d) = &mut self.device else {
+            return Ok(());
+        };
+        if d.host_current {
+            return Ok(());
+        }
+        let (masters, states) = d.opt.to_host()?;
+        let mut optimizer = AdamW::new(self.opts.adam)?;
+        for (name, st) in states {
+            optimizer.set_state(&name, st)?;
+        }
+        self.master = masters;
+        self.optimizer = optimizer;
+        d.host_current = true;
+        Ok(())
+    }
+
+    /// Number of trainable values (the masters' elements).
+    pub fn trainable_params(&self) -> u64 {
+        self.master.values().map(|t| t.data.len() as u64).sum()
     }
 
     /// The LoRA settings in LoRA mode, `None` for full training.
@@ -270,6 +379,12 @@ impl Trainer {
                     ),
                 });
             }
+            if let Some(d) = &mut self.device {
+                // Every parameter has stepped as often as the run (skipped steps step none).
+                d.opt.restore(&name, &state)?;
+                d.opt.set_steps(state.step);
+                d.host_current = false;
+            }
             self.optimizer.set_state(&name, state)?;
         }
         self.iteration = iteration;
@@ -277,9 +392,14 @@ impl Trainer {
         Ok(())
     }
 
-    /// The token-weighted gradient and loss of one global batch made of `micro_batches`, without touching the
-    /// weights: `Σ_m (W_m / W) · ∇ loss(b_m)` (see the module docs of [`crate::train`]).
-    pub fn gradients(&self, micro_batches: &[Batch]) -> Result<Gradients> {
+    /// Runs forward and backward over `micro_batches` and hands each micro-batch's gradients (by master name) to
+    /// `sink` with their weight `W_m / W`; returns the token-weighted losses (see the module docs of
+    /// [`crate::train`]).
+    fn run_micro_batches(
+        &self,
+        micro_batches: &[Batch],
+        sink: &mut dyn FnMut(NamedTensors, f32) -> Result<()>,
+    ) -> Result<BatchSums> {
         let step = self.iteration + 1;
         let weights: Vec<f64> = micro_batches
             .iter()
@@ -289,8 +409,7 @@ impl Trainer {
         if total <= 0.0 {
             return Err(TrainError::EmptyBatch { step });
         }
-        let mut g = Gradients {
-            grads: TensorMap::new(),
+        let mut sums = BatchSums {
             loss: 0.0,
             ce_loss: 0.0,
             aux_loss: None,
@@ -298,16 +417,16 @@ impl Trainer {
             loss_weight: total,
         };
         for (batch, &w) in micro_batches.iter().zip(&weights) {
-            g.tokens += batch.tokens();
+            sums.tokens += batch.tokens();
             if w == 0.0 {
                 continue; // contributes nothing to a token-weighted loss
             }
             let out = self.model.forward_backward(batch)?;
             let frac = w / total;
-            g.loss += frac * out.loss;
-            g.ce_loss += frac * out.ce_loss;
+            sums.loss += frac * out.loss;
+            sums.ce_loss += frac * out.ce_loss;
             if let Some(a) = out.aux_loss {
-                *g.aux_loss.get_or_insert(0.0) += frac * a;
+                *sums.aux_loss.get_or_insert(0.0) += frac * a;
             }
             let grads = match &self.lora {
                 None => out.grads,
@@ -324,32 +443,70 @@ impl Trainer {
                     ab
                 }
             };
-            let factor = frac as f32;
+            sink(grads, frac as f32)?;
+        }
+        Ok(sums)
+    }
+
+    /// The token-weighted gradient and loss of one global batch made of `micro_batches`, without touching the
+    /// weights: `Σ_m (W_m / W) · ∇ loss(b_m)` (see the module docs of [`crate::train`]), on the host.
+    pub fn gradients(&self, micro_batches: &[Batch]) -> Result<Gradients> {
+        let mut acc = TensorMap::new();
+        let sums = self.run_micro_batches(micro_batches, &mut |grads, factor| {
             for (name, t) in grads {
-                let mut data = t.to_vec_f32().map_err(crate::model::ModelError::from)?;
+                let mut data = t.to_vec_f32().map_err(ModelError::from)?;
                 if factor != 1.0 {
                     data.iter_mut().for_each(|x| *x *= factor);
                 }
-                match g.grads.get_mut(&name) {
-                    Some(acc) => optim::accumulate(&mut acc.data, &data)?,
+                match acc.get_mut(&name) {
+                    Some(a) => optim::accumulate(&mut a.data, &data)?,
                     None => {
                         let shape = t.shape().to_vec();
-                        g.grads.insert(name, HostTensor { shape, data });
+                        acc.insert(name, HostTensor { shape, data });
                     }
                 }
             }
-        }
-        if !g.grads.keys().eq(self.master.keys()) {
+            Ok(())
+        })?;
+        let names_match = match &self.device {
+            Some(_) => {
+                let mut names = Vec::new();
+                self.model.params.visit(&mut |n, _| names.push(n));
+                names.sort();
+                acc.keys().eq(names.iter())
+            }
+            None => acc.keys().eq(self.master.keys()),
+        };
+        if !names_match {
             return Err(TrainError::Invalid {
                 key: "gradients",
                 reason: "the model's gradient names differ from its parameter names".into(),
             });
         }
-        Ok(g)
+        Ok(Gradients {
+            grads: acc,
+            loss: sums.loss,
+            ce_loss: sums.ce_loss,
+            aux_loss: sums.aux_loss,
+            tokens: sums.tokens,
+            loss_weight: sums.loss_weight,
+        })
+    }
+
+    /// The same gradient summed in f32 on the model's device (the device optimizer's input).
+    fn device_gradients(&self, micro_batches: &[Batch]) -> Result<(NamedTensors, BatchSums)> {
+        let mut acc = NamedTensors::new();
+        let sums = self.run_micro_batches(micro_batches, &mut |grads, factor| {
+            optim::accumulate_scaled(&mut acc, grads, factor).map_err(|e| ModelError::from(e).into())
+        })?;
+        Ok((acc, sums))
     }
 
     /// One optimizer step over `micro_batches` (one global batch). See the module docs for the maths.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
+        if self.device.is_some() {
+            return self.device_step(micro_batches);
+        }
         let step = self.iteration + 1;
         let Gradients {
             mut grads,
@@ -402,6 +559,34 @@ impl Trainer {
             tokens,
             loss_weight: total,
             skipped,
+        })
+    }
+
+    /// [`Trainer::step`] with the device optimizer: gradients summed on the device, norm, clip and AdamW there.
+    fn device_step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
+        let step = self.iteration + 1;
+        let (grads, sums) = self.device_gradients(micro_batches)?;
+        let lr = self.opts.schedule.lr(self.iteration);
+        let d = self.device.as_mut().expect("device_step runs with the device optimizer");
+        let report = d
+            .opt
+            .step(&mut self.model, &grads, lr, self.opts.clip_grad)?;
+        d.host_current = false;
+        if report.skipped {
+            self.skipped += 1;
+            tracing::warn!(step, grad_norm = report.grad_norm, "non-finite gradient norm: update skipped");
+        }
+        self.iteration += 1;
+        Ok(StepStats {
+            step,
+            loss: sums.loss,
+            ce_loss: sums.ce_loss,
+            aux_loss: sums.aux_loss,
+            lr,
+            grad_norm: report.grad_norm,
+            tokens: sums.tokens,
+            loss_weight: sums.loss_weight,
+            skipped: report.skipped,
         })
     }
 

@@ -77,6 +77,22 @@ pub trait ParamSet {
     fn visit_params(&self, f: &mut dyn FnMut(String, &qkernels::Tensor));
     /// The same walk, mutably.
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(String, &mut qkernels::Tensor));
+
+    /// Casts every parameter to `dtype` on its device (bf16 compute weights from f32 ones, or back). On error
+    /// the parameters before the failing one are already cast.
+    fn cast_params(&mut self, dtype: qkernels::DType) -> qkernels::Result<()> {
+        let mut err = None;
+        self.visit_params_mut(&mut |_, t| {
+            if err.is_some() || t.dtype() == dtype {
+                return;
+            }
+            match t.to_dtype(dtype) {
+                Ok(c) => *t = c,
+                Err(e) => err = Some(e),
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
 }
 
 impl ParamSet for Qwen3Params {
@@ -424,6 +440,60 @@ impl DistributedOptimizer {
         Ok(flat)
     }
 
+    /// Writes the current f32 masters, all-gathered over `dp`, into `params` (laid out like the optimizer's
+    /// parameters) as f32 tensors on their devices: the full-precision weights of a run that computes in bf16,
+    /// for checkpoints. Collective over `dp`.
+    pub fn masters_into(
+        &self,
+        params: &mut (impl ParamSet + ?Sized),
+        dp: &dyn Communicator,
+    ) -> Result<()> {
+        self.gather_into(params, dp, Some(qkernels::DType::F32))
+    }
+
+    /// All-gathers the master shards over `dp` and replaces every parameter of `params` by its values, in
+    /// `dtype` (`None`: the parameter's own dtype). Collective over `dp`.
+    fn gather_into(
+        &self,
+        params: &mut (impl ParamSet + ?Sized),
+        dp: &dyn Communicator,
+        dtype: Option<qkernels::DType>,
+    ) -> Result<()> {
+        let mut full = vec![0f32; self.padded];
+        if self.dp == 1 {
+            full.copy_from_slice(&self.master);
+        } else {
+            dp.all_gather(&self.master, &mut full)?;
+        }
+        let mut k = 0;
+        let mut err = None;
+        params.visit_params_mut(&mut |name, t| {
+            if err.is_some() {
+                return;
+            }
+            let Some(seg) = self
+                .segments
+                .get(k)
+                .filter(|s| s.name == name && s.shape == t.shape())
+            else {
+                err = Some(ZeroError::Layout { name });
+                return;
+            };
+            let dtype = dtype.unwrap_or(t.dtype());
+            match qkernels::Tensor::from_f32(full[seg.range.clone()].to_vec(), &seg.shape, &t.device())
+                .and_then(|v| if dtype == qkernels::DType::F32 { Ok(v) } else { v.to_dtype(dtype) })
+            {
+                Ok(v) => *t = v,
+                Err(e) => err = Some(e.into()),
+            }
+            k += 1;
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// One step on a [`TpModel`]: its DP group reduces the gradients, its TP group joins the norm.
     pub fn step(
         &mut self,
@@ -519,38 +589,7 @@ impl DistributedOptimizer {
         self.adam.step(lr, &mut slots)?;
         drop(slots);
         // 4. All-gather the updated shards into every rank's parameters.
-        let mut full = vec![0f32; self.padded];
-        if self.dp == 1 {
-            full.copy_from_slice(&self.master);
-        } else {
-            dp.all_gather(&self.master, &mut full)?;
-        }
-        let mut k = 0;
-        let mut err = None;
-        params.visit_params_mut(&mut |name, t| {
-            let Some(seg) = self
-                .segments
-                .get(k)
-                .filter(|s| s.name == name && s.shape == t.shape())
-            else {
-                err.get_or_insert(ZeroError::Layout { name });
-                return;
-            };
-            match qkernels::Tensor::from_f32(
-                full[seg.range.clone()].to_vec(),
-                &seg.shape,
-                &t.device(),
-            ) {
-                Ok(v) => *t = v,
-                Err(e) => {
-                    err.get_or_insert(e.into());
-                }
-            }
-            k += 1;
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+        self.gather_into(params, dp, None)?;
         self.steps += 1;
         Ok(StepStats {
             grad_norm,

@@ -1,9 +1,13 @@
 //! Paged KV cache: fixed-size blocks, a block allocator and per-sequence block tables.
 //!
-//! Layout (host memory, CPU backend): for every layer one `k` and one `v` pool of
-//! `[num_blocks, block_size, kv_heads, head_dim]` f32. A sequence owns an ordered list of block ids, its
-//! [`BlockTable`]; the K/V of its token at position `p` live in block `table[p / block_size]`, slot
-//! `p % block_size`, so a sequence's cache needs no contiguous memory and grows one block at a time.
+//! Layout: for every layer one `k` and one `v` pool, each a `qkernels` tensor
+//! `[num_blocks, block_size, kv_heads, head_dim]` on the model's device (f32 on the CPU; the model's compute dtype,
+//! bf16, on CUDA). A sequence owns an ordered list of block ids, its [`BlockTable`]; the K/V of its token at
+//! position `p` live in block `table[p / block_size]`, slot `p % block_size` (flat slot
+//! `block · block_size + p % block_size`, see [`KvCache::slot`]), so a sequence's cache needs no contiguous
+//! memory and grows one block at a time. The pools are written in place by
+//! [`qkernels::ops::kv_cache_write`] and read by [`qkernels::ops::paged_attention`]; they are never handed out
+//! as values (the cache is not `Clone`), because those writes mutate the storage every clone would share.
 //!
 //! Invariants:
 //! - a block id is either in the allocator's free list or owned by exactly one block table;
@@ -11,6 +15,8 @@
 //! - a table of `n` blocks covers positions `0..n·block_size`; the engine writes position `p` only after the
 //!   table covers it ([`KvCache::reserve`]) and frees the whole table when the sequence ends or is aborted
 //!   ([`KvCache::release`]).
+
+use qkernels::{DType, Device, Tensor};
 
 use super::error::EngineError;
 
@@ -102,53 +108,84 @@ impl BlockAllocator {
 }
 
 /// K and V pools of one layer, `[num_blocks, block_size, kv_heads, head_dim]` each.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct LayerPool {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Tensor,
+    v: Tensor,
 }
 
 /// The paged cache of all layers plus its allocator (see module docs).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     config: KvCacheConfig,
     kv_heads: usize,
     head_dim: usize,
+    dtype: DType,
+    device: Device,
     layers: Vec<LayerPool>,
     allocator: BlockAllocator,
 }
 
 impl KvCache {
-    /// An empty cache for `layers` layers of `kv_heads × head_dim` keys and values.
+    /// An empty (zeroed) cache for `layers` layers of `kv_heads × head_dim` keys and values, held as `dtype` on
+    /// `device`.
     pub fn new(
         config: KvCacheConfig,
         layers: usize,
         kv_heads: usize,
         head_dim: usize,
+        dtype: DType,
+        device: Device,
     ) -> Result<Self, EngineError> {
         if config.block_size == 0 || config.num_blocks == 0 {
             return Err(EngineError::InvalidConfig(format!(
                 "KV cache needs block_size > 0 and num_blocks > 0, got {config:?}"
             )));
         }
-        let n = config.num_blocks * config.block_size * kv_heads * head_dim;
+        let shape = [config.num_blocks, config.block_size, kv_heads, head_dim];
+        let layers = (0..layers)
+            .map(|_| {
+                Ok(LayerPool {
+                    k: Tensor::zeros(&shape, dtype, &device)?,
+                    v: Tensor::zeros(&shape, dtype, &device)?,
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(KvCache {
             config,
             kv_heads,
             head_dim,
-            layers: (0..layers)
-                .map(|_| LayerPool {
-                    k: vec![0.0; n],
-                    v: vec![0.0; n],
-                })
-                .collect(),
+            dtype,
+            device,
+            layers,
             allocator: BlockAllocator::new(config.num_blocks),
         })
+    }
+
+    /// Bytes of one block over all layers (K and V) for a model of these sizes.
+    pub fn bytes_per_block(
+        block_size: usize,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> usize {
+        2 * layers * block_size * kv_heads * head_dim * dtype.size_in_bytes()
     }
 
     /// The cache's sizes.
     pub fn config(&self) -> KvCacheConfig {
         self.config
+    }
+
+    /// Element type of the pools.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Where the pools live.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// Blocks needed to hold `tokens` positions.
@@ -194,36 +231,35 @@ impl KvCache {
         self.allocator.num_blocks()
     }
 
-    /// Floats per token per layer per pool (`kv_heads · head_dim`).
-    fn row(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-
-    /// Offset of position `pos`'s row in a layer pool.
-    fn offset(&self, table: &BlockTable, pos: usize) -> usize {
+    /// Flat slot of position `pos` (`block · block_size + pos % block_size`). The table must cover `pos`.
+    pub fn slot(&self, table: &BlockTable, pos: usize) -> u32 {
         let bs = self.config.block_size;
-        let block = table.blocks[pos / bs] as usize;
-        (block * bs + pos % bs) * self.row()
+        table.blocks[pos / bs] * bs as u32 + (pos % bs) as u32
     }
 
-    /// Writes `k`, `v` (`[kv_heads·head_dim]` each) of position `pos` in `layer`. The table must cover `pos`.
-    pub fn write(&mut self, layer: usize, table: &BlockTable, pos: usize, k: &[f32], v: &[f32]) {
-        let (o, r) = (self.offset(table, pos), self.row());
+    /// Stores `k`, `v` (`[T, kv_heads, head_dim]`, the pools' dtype and device) of layer `layer` at `slots`
+    /// (`[T]` u32, see [`KvCache::slot`]).
+    pub fn write(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &Tensor,
+    ) -> Result<(), EngineError> {
         let pool = &mut self.layers[layer];
-        pool.k[o..o + r].copy_from_slice(k);
-        pool.v[o..o + r].copy_from_slice(v);
+        qkernels::ops::kv_cache_write(&mut pool.k, &mut pool.v, k, v, slots)?;
+        Ok(())
     }
 
-    /// Key row (`[kv_heads·head_dim]`) of position `pos` in `layer`.
-    pub fn key(&self, layer: usize, table: &BlockTable, pos: usize) -> &[f32] {
-        let (o, r) = (self.offset(table, pos), self.row());
-        &self.layers[layer].k[o..o + r]
+    /// The `(k, v)` pools of `layer`, for [`qkernels::ops::paged_attention`] (read them, never keep them).
+    pub fn pools(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let p = &self.layers[layer];
+        (&p.k, &p.v)
     }
 
-    /// Value row (`[kv_heads·head_dim]`) of position `pos` in `layer`.
-    pub fn value(&self, layer: usize, table: &BlockTable, pos: usize) -> &[f32] {
-        let (o, r) = (self.offset(table, pos), self.row());
-        &self.layers[layer].v[o..o + r]
+    /// Sizes of one pool row: `(kv_heads, head_dim)`.
+    pub fn row_shape(&self) -> (usize, usize) {
+        (self.kv_heads, self.head_dim)
     }
 }
 
@@ -241,6 +277,8 @@ mod tests {
             1,
             1,
             2,
+            DType::F32,
+            Device::Cpu,
         )
         .unwrap();
         let mut a = BlockTable::default();
@@ -274,19 +312,39 @@ mod tests {
             2,
             1,
             2,
+            DType::F32,
+            Device::Cpu,
         )
         .unwrap();
+        let mut other = BlockTable::default();
+        c.reserve(&mut other, 1).unwrap();
         let mut t = BlockTable::default();
         c.reserve(&mut t, 5).unwrap();
-        for p in 0..5 {
-            let x = p as f32;
-            c.write(1, &t, p, &[x, x + 0.5], &[-x, -x - 0.5]);
+        let slots: Vec<u32> = (0..5).map(|p| c.slot(&t, p)).collect();
+        let k: Vec<f32> = (0..5).flat_map(|p| [p as f32, p as f32 + 0.5]).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let kt = Tensor::from_f32(k, &[5, 1, 2], &Device::Cpu).unwrap();
+        let vt = Tensor::from_f32(v, &[5, 1, 2], &Device::Cpu).unwrap();
+        let st = Tensor::from_u32(slots.clone(), &[5], &Device::Cpu).unwrap();
+        c.write(1, &kt, &vt, &st).unwrap();
+        let (kp, vp) = c.pools(1);
+        let (kp, vp) = (kp.to_vec_f32().unwrap(), vp.to_vec_f32().unwrap());
+        for (p, &s) in slots.iter().enumerate() {
+            let (x, s) = (p as f32, s as usize);
+            assert_eq!(s / 2, t.blocks()[p / 2] as usize);
+            assert_eq!(&kp[2 * s..2 * s + 2], &[x, x + 0.5]);
+            assert_eq!(&vp[2 * s..2 * s + 2], &[-x, -x - 0.5]);
         }
-        for p in 0..5 {
-            let x = p as f32;
-            assert_eq!(c.key(1, &t, p), &[x, x + 0.5]);
-            assert_eq!(c.value(1, &t, p), &[-x, -x - 0.5]);
-            assert_eq!(c.key(0, &t, p), &[0.0, 0.0], "other layer untouched");
-        }
+        let other_slot = c.slot(&other, 0) as usize;
+        assert_eq!(
+            &kp[2 * other_slot..2 * other_slot + 2],
+            &[0.0, 0.0],
+            "other sequence untouched"
+        );
+        let (k0, _) = c.pools(0);
+        assert!(
+            k0.to_vec_f32().unwrap().iter().all(|&x| x == 0.0),
+            "other layer untouched"
+        );
     }
 }

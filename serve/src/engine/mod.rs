@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod kv;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod sampling;

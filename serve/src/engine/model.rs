@@ -17,10 +17,18 @@
 //! Invariant: after a call, positions `0..start+n` of every chunk's sequence are in the cache, so the next call
 //! for that sequence starts at `start + n`. Attention reads only the sequence's own blocks: sequences in one
 //! batch never see each other, and the result for a sequence does not depend on what else is batched with it.
-//! The CPU backend computes attention on the host in f32; the projections, norms, RoPE and MLP/MoE are
-//! `qkernels` ops.
+//! Everything is a `qkernels` op on the model's device: per layer, the new K/V rows go into the cache with
+//! `kv_cache_write` (flat slots of all rows, uploaded once per call) and attention is `paged_attention` over
+//! the batch's block tables (`[chunks, max blocks]`, zero-padded), each row's chunk index and position, all
+//! small u32 tensors uploaded once per call. Only the ids and the logits rows cross the host boundary.
 //!
-//! Weights: every parameter is a [`Weight`]. With [`Quantization::None`] all are f32 tensors; with int8/int4
+//! Devices and dtypes: on the CPU everything is f32 (the reference). On CUDA the model computes in bf16
+//! ([`InferenceModel::dtype`]): weights are converted to bf16 on the device one tensor at a time as they load
+//! (the f32 copy of a tensor is dropped before the next is uploaded), activations and the KV cache are bf16,
+//! attention and norms accumulate in f32, and the logits come back as f32 host vectors.
+//!
+//! Weights: every parameter is a [`Weight`]. With [`Quantization::None`] all are dense tensors (f32, or bf16
+//! on CUDA); quantization is CPU only; with int8/int4
 //! the seven projections of each layer (and an untied `lm_head`, as int8) are held quantized and multiplied
 //! by the quantized kernels of [`super::quant`], never expanded back to f32. [`InferenceModel::load`] reads a
 //! checkpoint one decoder layer at a time and quantizes each layer before reading the next, so loading never
@@ -30,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use qkernels::ops::{self, RopeTable};
-use qkernels::{Device, Tensor};
+use qkernels::{DType, Device, Tensor};
 use qparallel::hf::{self, TensorMap};
 use qparallel::model::{
     DecoderLayer, Ffn, ModelConfig, ModelError, Qwen3Model, Qwen3Params, param_shapes,
@@ -51,6 +59,18 @@ pub struct Chunk<'a> {
     pub table: &'a BlockTable,
 }
 
+/// The per-call u32 tensors of the paged cache (see the module docs), shared by every layer.
+struct PagedRows {
+    /// `[T]` flat cache slot of each row.
+    slots: Tensor,
+    /// `[chunks, max blocks]` block tables, zero-padded.
+    tables: Tensor,
+    /// `[T]` chunk index of each row.
+    row_seq: Tensor,
+    /// `[T]` position of each row.
+    row_pos: Tensor,
+}
+
 /// Which rows get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitRows {
@@ -66,7 +86,24 @@ pub struct InferenceModel {
     config: ModelConfig,
     params: Qwen3Params<Weight>,
     device: Device,
+    dtype: DType,
     quantization: Quantization,
+}
+
+/// The dtype the engine computes in on `device`: f32 on the CPU (the reference backend), bf16 on CUDA.
+pub fn compute_dtype(device: Device) -> DType {
+    match device {
+        Device::Cpu => DType::F32,
+        Device::Cuda(_) => DType::BF16,
+    }
+}
+
+/// A dense weight in `dtype` (a no-op when it already is, or when it is quantized).
+fn cast_weight(w: Weight, dtype: DType) -> Result<Weight, EngineError> {
+    Ok(match w {
+        Weight::F32(t) if t.dtype() != dtype => Weight::F32(t.to_dtype(dtype)?),
+        w => w,
+    })
 }
 
 /// `Some(i)` for a parameter of decoder layer `i`.
@@ -138,7 +175,7 @@ impl InferenceModel {
                     .remove(name)
                     .ok_or_else(|| ModelError::MissingParam { name: name.clone() })?;
                 let w = Weight::new(name, t.data, shape, quantization.format_for(name), &device)?;
-                weights.insert(name.clone(), w);
+                weights.insert(name.clone(), cast_weight(w, compute_dtype(device))?);
             }
         }
         if tied_head_on_disk {
@@ -151,7 +188,11 @@ impl InferenceModel {
                     name: "model.embed_tokens.weight".into(),
                 }
             })?;
-            if head.data != embed.dense()?.to_vec_f32()? {
+            // Compared in the dtype the embedding is held in (bf16 on CUDA), through the same conversion.
+            let head = Tensor::from_f32(head.data, &head.shape, &device)?
+                .to_dtype(compute_dtype(device))?
+                .to_vec_f32()?;
+            if head != embed.dense()?.to_vec_f32()? {
                 return Err(ModelError::TiedHeadMismatch.into());
             }
         }
@@ -164,6 +205,7 @@ impl InferenceModel {
             config,
             params,
             device,
+            dtype: compute_dtype(device),
             quantization,
         })
     }
@@ -175,27 +217,52 @@ impl InferenceModel {
         tensors: TensorMap,
         device: Device,
     ) -> Result<Self, EngineError> {
-        let m = Qwen3Model::from_host(config, tensors, device)?;
-        Ok(InferenceModel::from_model(m))
+        // Checked and built on the host, then moved to `device` one tensor at a time.
+        let m = Qwen3Model::from_host(config, tensors, Device::Cpu)?;
+        let config = m.config.clone();
+        InferenceModel::from_params(config, m.params, device)
     }
 
-    /// Wraps an already-built training model (shares its config and f32 parameters).
-    pub fn from_model(model: Qwen3Model) -> Self {
+    /// Wraps an already-built training model (shares its config and parameters on the CPU; on CUDA each
+    /// parameter is converted to bf16, see the module docs).
+    pub fn from_model(model: Qwen3Model) -> Result<Self, EngineError> {
         let device = model.device();
-        let mut named = model.params.to_named();
-        let params = Qwen3Params::build(&model.config, &mut |name, _| {
-            named
+        let config = model.config.clone();
+        let params = model.params;
+        InferenceModel::from_params(config, params, device)
+    }
+
+    /// Builds the model on `device` from parameters on any device (e.g. random weights for a benchmark, built
+    /// on the GPU). One tensor at a time, each is moved to `device` and converted to its compute dtype
+    /// ([`compute_dtype`]); the original is dropped as soon as its copy exists (when nothing else holds it), so
+    /// the full model is never on the device in f32.
+    pub fn from_params(
+        config: ModelConfig,
+        params: Qwen3Params<Tensor>,
+        device: Device,
+    ) -> Result<Self, EngineError> {
+        let dtype = compute_dtype(device);
+        let mut named = params.to_named();
+        drop(params); // `named` now holds the only references: each original goes when it is converted
+        let params = Qwen3Params::build(&config, &mut |name, _| {
+            let t = named
                 .remove(&name)
-                .map(Weight::F32)
-                .ok_or(ModelError::MissingParam { name })
-        })
-        .expect("a model's parameters carry the names its config implies");
-        InferenceModel {
-            config: model.config,
+                .ok_or_else(|| ModelError::MissingParam { name: name.clone() })?;
+            let t = t.to_device(&device)?;
+            let t = if t.dtype() == dtype {
+                t
+            } else {
+                t.to_dtype(dtype)?
+            };
+            Ok(Weight::F32(t))
+        })?;
+        Ok(InferenceModel {
+            config,
             params,
             device,
+            dtype,
             quantization: Quantization::None,
-        }
+        })
     }
 
     /// Quantizes the f32 linear weights as `quantization` says (see the module docs), dropping each f32
@@ -243,6 +310,16 @@ impl InferenceModel {
         &self.config
     }
 
+    /// Where the model lives.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The dtype of activations, dense weights and the KV cache ([`compute_dtype`] of the device).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The mode the linear weights are stored in.
     pub fn quantization(&self) -> Quantization {
         self.quantization
@@ -270,13 +347,26 @@ impl InferenceModel {
         s
     }
 
-    /// A KV cache shaped for this model.
+    /// A KV cache shaped for this model, on its device in its dtype.
     pub fn new_cache(&self, config: KvCacheConfig) -> Result<KvCache, EngineError> {
         KvCache::new(
             config,
             self.config.num_hidden_layers,
             self.config.num_key_value_heads,
             self.config.head_dim,
+            self.dtype,
+            self.device,
+        )
+    }
+
+    /// Bytes of one KV block of `block_size` positions over all layers.
+    pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        KvCache::bytes_per_block(
+            block_size,
+            self.config.num_hidden_layers,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            self.dtype,
         )
     }
 
@@ -295,10 +385,60 @@ impl InferenceModel {
         chunks: &[Chunk<'_>],
         rows: LogitRows,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let Some(logits) = self.logits(cache, chunks, rows)? else {
+            return Ok(Vec::new());
+        };
+        Ok(logits
+            .to_vec_f32()?
+            .chunks(self.config.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    /// Runs `chunks` like [`InferenceModel::forward`] with [`LogitRows::Last`] and returns the argmax of each
+    /// chunk's last logits row (greedy decoding, ties to the lowest id), computed on the model's device so that
+    /// only the ids come back to the host.
+    pub fn forward_greedy(
+        &self,
+        cache: &mut KvCache,
+        chunks: &[Chunk<'_>],
+    ) -> Result<Vec<u32>, EngineError> {
+        match self.logits(cache, chunks, LogitRows::Last)? {
+            None => Ok(Vec::new()),
+            Some(logits) => Ok(ops::argmax_rows(&logits)?.to_vec_u32()?),
+        }
+    }
+
+    /// The forward pass; the logits rows asked for as a `[rows, vocab]` tensor on the device (`None` for no
+    /// chunks).
+    fn logits(
+        &self,
+        cache: &mut KvCache,
+        chunks: &[Chunk<'_>],
+        rows: LogitRows,
+    ) -> Result<Option<Tensor>, EngineError> {
         let cfg = &self.config;
+        if cache.device() != self.device || cache.dtype() != self.dtype {
+            return Err(EngineError::InvalidConfig(format!(
+                "KV cache in {} on {}, model in {} on {}",
+                cache.dtype(),
+                cache.device(),
+                self.dtype,
+                self.device
+            )));
+        }
         let mut ids = Vec::new();
         let mut pos = Vec::new();
-        for c in chunks {
+        let mut slots = Vec::new();
+        let mut row_seq = Vec::new();
+        let max_blocks = chunks
+            .iter()
+            .map(|c| c.table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tables = vec![0u32; chunks.len() * max_blocks];
+        for (ci, c) in chunks.iter().enumerate() {
             if c.tokens.is_empty() {
                 return Err(EngineError::InvalidRequest("empty chunk".into()));
             }
@@ -317,40 +457,46 @@ impl InferenceModel {
             }
             ids.extend_from_slice(c.tokens);
             pos.extend((c.start..c.start + c.tokens.len()).map(|p| p as u32));
+            slots.extend((c.start..c.start + c.tokens.len()).map(|p| cache.slot(c.table, p)));
+            row_seq.extend(std::iter::repeat_n(ci as u32, c.tokens.len()));
+            tables[ci * max_blocks..ci * max_blocks + c.table.len()]
+                .copy_from_slice(c.table.blocks());
         }
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let t = ids.len();
-        let ids_t = Tensor::from_u32(ids, &[t], &self.device)?;
-        let pos_t = Tensor::from_u32(pos, &[t], &self.device)?;
+        let dev = &self.device;
+        let ids_t = Tensor::from_u32(ids, &[t], dev)?;
+        let pos_t = Tensor::from_u32(pos, &[t], dev)?;
         let rope = RopeTable::new(&pos_t, cfg.head_dim, cfg.rope_theta)?;
+        let paged = PagedRows {
+            slots: Tensor::from_u32(slots, &[t], dev)?,
+            tables: Tensor::from_u32(tables, &[chunks.len(), max_blocks], dev)?,
+            row_seq: Tensor::from_u32(row_seq, &[t], dev)?,
+            row_pos: pos_t,
+        };
 
         let mut x = ops::embedding_fwd(&ids_t, self.params.embed_tokens.dense()?)?;
         for (li, layer) in self.params.layers.iter().enumerate() {
-            x = self.layer(li, layer, &x, &rope, cache, chunks)?;
+            x = self.layer(li, layer, &x, &rope, cache, &paged)?;
         }
         let hn = ops::rmsnorm_fwd(&x, self.params.norm.dense()?, cfg.rms_norm_eps)?.y;
         let hn = match rows {
             LogitRows::All => hn,
             LogitRows::Last => {
+                // One row gather (the embedding lookup's kernel) of each chunk's last row.
                 let mut end = 0;
-                let mut picks = Vec::with_capacity(chunks.len());
+                let mut last = Vec::with_capacity(chunks.len());
                 for c in chunks {
                     end += c.tokens.len();
-                    picks.push(hn.narrow(0, end - 1, 1)?);
+                    last.push(end as u32 - 1);
                 }
-                let refs: Vec<&Tensor> = picks.iter().collect();
-                Tensor::cat(&refs, 0)?
+                let last = Tensor::from_u32(last, &[chunks.len()], dev)?;
+                ops::embedding_fwd(&last, &hn)?
             }
         };
-        let logits = self.head().linear(&hn)?;
-        let v = cfg.vocab_size;
-        Ok(logits
-            .to_vec_f32()?
-            .chunks(v)
-            .map(<[f32]>::to_vec)
-            .collect())
+        Ok(Some(self.head().linear(&hn)?))
     }
 
     fn layer(
@@ -360,7 +506,7 @@ impl InferenceModel {
         x: &Tensor,
         rope: &RopeTable,
         cache: &mut KvCache,
-        chunks: &[Chunk<'_>],
+        paged: &PagedRows,
     ) -> Result<Tensor, EngineError> {
         let cfg = &self.config;
         let eps = cfg.rms_norm_eps;
@@ -376,38 +522,12 @@ impl InferenceModel {
         let q = ops::rope_fwd(&ops::rmsnorm_fwd(&q, a.q_norm.dense()?, eps)?.y, rope)?;
         let k = a.k_proj.linear(&xn)?.reshape(&[t, hkv, d])?;
         let k = ops::rope_fwd(&ops::rmsnorm_fwd(&k, a.k_norm.dense()?, eps)?.y, rope)?;
-        let v = a.v_proj.linear(&xn)?;
-        let (q, k, v) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?);
-
-        let row = hkv * d;
-        let mut o = vec![0.0f32; t * hq * d];
-        let mut r0 = 0;
-        for c in chunks {
-            for i in 0..c.tokens.len() {
-                let r = r0 + i;
-                cache.write(
-                    li,
-                    c.table,
-                    c.start + i,
-                    &k[r * row..(r + 1) * row],
-                    &v[r * row..(r + 1) * row],
-                );
-            }
-            for i in 0..c.tokens.len() {
-                let r = r0 + i;
-                attend(
-                    cache,
-                    li,
-                    c.table,
-                    c.start + i,
-                    &q[r * hq * d..(r + 1) * hq * d],
-                    (hq, hkv, d),
-                    &mut o[r * hq * d..(r + 1) * hq * d],
-                );
-            }
-            r0 += c.tokens.len();
-        }
-        let o = Tensor::from_f32(o, &[t, hq * d], &self.device)?;
+        let v = a.v_proj.linear(&xn)?.reshape(&[t, hkv, d])?;
+        // Write first: a prefill row attends to the rows of its own chunk.
+        cache.write(li, &k, &v, &paged.slots)?;
+        let (kc, vc) = cache.pools(li);
+        let o = ops::paged_attention(&q, kc, vc, &paged.tables, &paged.row_seq, &paged.row_pos)?
+            .reshape(&[t, hq * d])?;
         let h = x.add(&a.o_proj.linear(&o)?)?;
         let hn = ops::rmsnorm_fwd(&h, layer.post_attention_layernorm.dense()?, eps)?.y;
         let f = self.ffn(&layer.mlp, &hn)?;
@@ -437,47 +557,6 @@ impl InferenceModel {
                 let u = grouped_linear(&xp, &wu, offs)?;
                 let yp = grouped_linear(&ops::swiglu_fwd(&g, &u)?, &wd, offs)?;
                 Ok(ops::moe_unpermute(&yp, &routing.topk_weight, &plan)?)
-            }
-        }
-    }
-}
-
-/// Causal GQA attention of one query row at position `pos` over the cached positions `0..=pos` of one
-/// sequence: `q`, `out` are `[Hq·D]`; q head `h` reads kv head `h / (Hq/Hkv)` (HF `repeat_kv` order).
-fn attend(
-    cache: &KvCache,
-    layer: usize,
-    table: &BlockTable,
-    pos: usize,
-    q: &[f32],
-    (hq, hkv, d): (usize, usize, usize),
-    out: &mut [f32],
-) {
-    let group = hq / hkv;
-    let scale = 1.0 / (d as f32).sqrt();
-    let n = pos + 1;
-    let mut scores = vec![0.0f32; n];
-    for h in 0..hq {
-        let kvh = h / group;
-        let qh = &q[h * d..(h + 1) * d];
-        let mut max = f32::NEG_INFINITY;
-        for (p, s) in scores.iter_mut().enumerate() {
-            let k = &cache.key(layer, table, p)[kvh * d..(kvh + 1) * d];
-            *s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let oh = &mut out[h * d..(h + 1) * d];
-        oh.fill(0.0);
-        for (p, s) in scores.iter().enumerate() {
-            let v = &cache.value(layer, table, p)[kvh * d..(kvh + 1) * d];
-            let w = s / sum;
-            for (o, x) in oh.iter_mut().zip(v) {
-                *o += w * x;
             }
         }
     }

@@ -560,7 +560,8 @@ fn matmul<W: RowSource>(w: &W, x: &[f32], t: usize) -> Result<Vec<f32>, QuantErr
 /// One parameter as the inference engine holds it.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// f32 on the model's device (embedding, norms, router, and every weight without quantization).
+    /// Dense on the model's device (embedding, norms, router, and every weight without quantization): f32 on
+    /// the CPU, the model's compute dtype (bf16) on CUDA.
     F32(Tensor),
     Int8(Int8Weight),
     Int4(Int4Weight),
@@ -631,7 +632,7 @@ impl Weight {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
-            Weight::F32(t) => 4 * t.elem_count(),
+            Weight::F32(t) => t.dtype().size_in_bytes() * t.elem_count(),
             Weight::Int8(w) => w.bytes(),
             Weight::Int4(w) => w.bytes(),
         }

@@ -130,6 +130,21 @@ impl Sampler {
         &self.params
     }
 
+    /// True when [`Sampler::sample`] is a plain argmax of the logits (temperature 0, no penalties), so the
+    /// engine may take the token from the device's argmax instead ([`Sampler::record`]).
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
+    /// Books `token` as sampled (what [`Sampler::sample`] does after picking it).
+    pub fn record(&mut self, token: u32) {
+        *self.counts.entry(token).or_insert(0) += 1;
+    }
+
     /// Picks the next token from `logits` (modified in place) given the prompt and the output so far.
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32], output: &[u32]) -> u32 {
         let p = &self.params;

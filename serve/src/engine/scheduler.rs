@@ -37,8 +37,14 @@ pub trait Detokenizer: Send + Sync {
     fn decode(&self, ids: &[u32]) -> String;
 }
 
+/// What one forward gives a sequence: its last logits row, or the token the device already picked.
+enum Picked {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
 /// Scheduler and cache settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineConfig {
     /// Paged KV cache sizes.
     pub kv: KvCacheConfig,
@@ -48,9 +54,14 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Longest `prompt + output`; 0 means `max_position_embeddings` (capped by the cache size).
     pub max_model_len: usize,
-    /// Memory budget of the KV pools when `kv.num_blocks` is 0: the pool gets as many blocks as fit, but no
-    /// more than `max_running` full-length sequences need.
+    /// Memory budget of the KV pools on the CPU when `kv.num_blocks` is 0: the pool gets as many blocks as fit,
+    /// but no more than `max_running` sequences of `max_model_len` (or `max_position_embeddings`) need.
     pub kv_cache_bytes: usize,
+    /// On CUDA, when `kv.num_blocks` is 0: the KV pools get this fraction of the device memory that is free once
+    /// the weights are loaded (the rest is left for activations, cuBLASLt workspaces and other processes), again
+    /// capped at what `max_running` full-length sequences need. Ignored on the CPU; set `kv.num_blocks` to fix
+    /// the pool size instead.
+    pub gpu_kv_fraction: f64,
     /// Weight-only quantization of the linear layers ([`super::quant`]): an f32 model handed to
     /// [`EngineCore::new`] is quantized there; `None` runs the model as it is (f32, or already quantized by
     /// [`InferenceModel::load`]).
@@ -65,6 +76,7 @@ impl Default for EngineConfig {
             max_running: 64,
             max_model_len: 0,
             kv_cache_bytes: 1 << 30,
+            gpu_kv_fraction: 0.85,
             quantization: Quantization::None,
         }
     }
@@ -217,15 +229,25 @@ impl EngineCore {
         }
         if config.kv.num_blocks == 0 {
             let c = model.config();
-            let bytes_per_block = 2
-                * c.num_hidden_layers
-                * config.kv.block_size
-                * c.num_key_value_heads
-                * c.head_dim
-                * std::mem::size_of::<f32>();
-            let fit = config.kv_cache_bytes / bytes_per_block.max(1);
-            let want =
-                c.max_position_embeddings.div_ceil(config.kv.block_size) * config.max_running;
+            let bytes_per_block = model.kv_bytes_per_block(config.kv.block_size);
+            let budget = match qkernels::cuda::memory_info(&model.device())? {
+                None => config.kv_cache_bytes,
+                Some((free, _total)) => {
+                    if !(config.gpu_kv_fraction > 0.0 && config.gpu_kv_fraction < 1.0) {
+                        return Err(EngineError::InvalidConfig(format!(
+                            "gpu_kv_fraction must be in (0, 1), got {}",
+                            config.gpu_kv_fraction
+                        )));
+                    }
+                    (free as f64 * config.gpu_kv_fraction) as usize
+                }
+            };
+            let fit = budget / bytes_per_block.max(1);
+            let longest = match config.max_model_len {
+                0 => c.max_position_embeddings,
+                n => n.min(c.max_position_embeddings),
+            };
+            let want = longest.div_ceil(config.kv.block_size) * config.max_running;
             config.kv.num_blocks = fit.min(want).max(1);
         }
         let model = model.quantize(config.quantization)?;
@@ -354,10 +376,26 @@ impl EngineCore {
                     }
                 })
                 .collect();
-            let logits = self
-                .model
-                .forward(&mut self.cache, &chunks, LogitRows::Last)?;
-            for (&(i, n), mut row) in plan.iter().zip(logits) {
+            // When every row that samples now is plain greedy, the argmax runs on the device and only the ids
+            // come back (the logits of a large batch are `rows × vocab`).
+            let greedy = plan.iter().all(|&(i, n)| {
+                let s = &self.running[i];
+                s.computed + n < s.all.len() || s.sampler.is_plain_greedy()
+            });
+            let picked: Vec<Picked> = if greedy {
+                self.model
+                    .forward_greedy(&mut self.cache, &chunks)?
+                    .into_iter()
+                    .map(Picked::Token)
+                    .collect()
+            } else {
+                self.model
+                    .forward(&mut self.cache, &chunks, LogitRows::Last)?
+                    .into_iter()
+                    .map(Picked::Logits)
+                    .collect()
+            };
+            for (&(i, n), pick) in plan.iter().zip(picked) {
                 let s = &mut self.running[i];
                 if s.all.len() - s.computed == 1 {
                     stats.decode_tokens += 1;
@@ -366,7 +404,13 @@ impl EngineCore {
                 }
                 s.computed += n;
                 if s.computed == s.all.len() {
-                    self.on_logits(i, &mut row);
+                    match pick {
+                        Picked::Logits(mut row) => self.on_logits(i, &mut row),
+                        Picked::Token(token) => {
+                            self.running[i].sampler.record(token);
+                            self.on_token(i, token);
+                        }
+                    }
                 }
             }
         }
@@ -489,11 +533,17 @@ impl EngineCore {
 
     /// Samples the next token of running sequence `i` from its last logits and applies the stop rules.
     fn on_logits(&mut self, i: usize, logits: &mut [f32]) {
-        let max_len = self.limits.max_model_len;
         let s = &mut self.running[i];
         let token = s
             .sampler
             .sample(logits, &s.all[..s.prompt_len], &s.all[s.prompt_len..]);
+        self.on_token(i, token);
+    }
+
+    /// Appends the sampled `token` to running sequence `i` and applies the stop rules.
+    fn on_token(&mut self, i: usize, token: u32) {
+        let max_len = self.limits.max_model_len;
+        let s = &mut self.running[i];
         s.all.push(token);
         if s.first_token.is_none() {
             let now = Instant::now();
