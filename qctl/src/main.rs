@@ -108,6 +108,10 @@ struct ServeArgs {
     /// Model id clients use (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// LoRA adapters served beside the base model, `NAME=DIR` (a PEFT adapter directory, e.g. a LoRA run's
+    /// checkpoint); requests with `"model": NAME` generate with it. Repeat, or separate with spaces.
+    #[arg(long, num_args = 1.., value_parser = parse_adapter)]
+    adapters: Vec<(String, PathBuf)>,
     /// Return Qwen3's think block as `reasoning_content` (like vLLM's --reasoning-parser qwen3).
     #[arg(long)]
     reasoning_parser: bool,
@@ -199,6 +203,14 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// `NAME=DIR` of `qctl serve --adapters`.
+fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.to_string(), PathBuf::from(dir))),
+        _ => Err(format!("`{s}`: use NAME=DIR (a PEFT adapter directory)")),
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let device = local::parse_device(&args.device)?;
     let mut config = qserve::ServeConfig::new(&args.model);
@@ -206,6 +218,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.device = device;
     config.api_key = args.api_key;
     config.served_model_name = args.served_model_name;
+    config.adapters = args.adapters;
     config.reasoning_parser = args.reasoning_parser;
     config.engine.quantization = args.quantization;
     let handle = qserve::serve(config).await?;

@@ -346,7 +346,22 @@ impl ChatEngine {
     /// [`crate::engine::model`]). Blocks while the weights load; with
     /// `config.quantization` set they are quantized layer by layer as they load ([`InferenceModel::load`]).
     pub fn load(dir: &Path, device: Device, config: EngineConfig) -> Result<Self, ChatError> {
-        let model = InferenceModel::load(dir, device, config.quantization)?;
+        ChatEngine::load_with_adapters(dir, device, config, &[], "")
+    }
+
+    /// [`ChatEngine::load`] serving the PEFT adapter directories `adapters` (`(name, dir)`) beside the base model,
+    /// which is served as `base_name` (see [`crate::engine::lora`]).
+    pub fn load_with_adapters(
+        dir: &Path,
+        device: Device,
+        config: EngineConfig,
+        adapters: &[(String, std::path::PathBuf)],
+        base_name: &str,
+    ) -> Result<Self, ChatError> {
+        let mut model = InferenceModel::load(dir, device, config.quantization)?;
+        if !adapters.is_empty() {
+            model = model.with_adapters(adapters, base_name)?;
+        }
         let codec = TextCodec::from_dir(dir)?;
         ChatEngine::from_parts(model, codec, GenerationDefaults::from_dir(dir), config)
     }
@@ -419,7 +434,17 @@ impl ChatEngine {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<Generation, ChatError> {
-        Ok(Generation::new(self.engine.submit(prompt, params)?))
+        self.submit_with(prompt, params, None)
+    }
+
+    /// [`ChatEngine::submit`] with LoRA adapter `adapter` (`None`: the base model).
+    pub fn submit_with(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        adapter: Option<crate::engine::lora::AdapterId>,
+    ) -> Result<Generation, ChatError> {
+        Ok(Generation::new(self.engine.submit_with(prompt, params, adapter)?))
     }
 
     /// Stops the engine thread (aborting what is in flight) and waits for it.

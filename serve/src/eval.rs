@@ -134,6 +134,7 @@ fn teacher_forced(
                 tokens: window,
                 start: 0,
                 table: &table,
+                adapter: None,
             }],
             LogitRows::All,
         );

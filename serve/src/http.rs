@@ -58,6 +58,9 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// Model id reported by `/v1/models` and accepted in requests; default: the model dir's name.
     pub served_model_name: Option<String>,
+    /// LoRA adapters served beside the base model, `(name, PEFT adapter dir)`: a request whose `model` is `name`
+    /// generates with that adapter (see [`crate::engine::lora`]); `/v1/models` lists them.
+    pub adapters: Vec<(String, PathBuf)>,
     /// Cache and scheduler settings.
     pub engine: EngineConfig,
     /// Split chat answers into `reasoning_content` and `content` at Qwen3's `</think>` (vLLM's
@@ -74,6 +77,7 @@ impl ServeConfig {
             device: Device::Cpu,
             api_key: None,
             served_model_name: None,
+            adapters: Vec::new(),
             engine: EngineConfig::default(),
             reasoning_parser: false,
         }
@@ -162,10 +166,6 @@ type Shared = Arc<AppState>;
 pub async fn serve(config: ServeConfig) -> Result<ServerHandle, ServeError> {
     let dir = config.model_dir.clone();
     let (device, engine_config) = (config.device, config.engine);
-    let chat = tokio::task::spawn_blocking(move || ChatEngine::load(&dir, device, engine_config))
-        .await
-        .map_err(|e| ServeError::Join(e.to_string()))??;
-    let engine = chat.engine().clone();
     let name = config.served_model_name.clone().unwrap_or_else(|| {
         config
             .model_dir
@@ -173,6 +173,13 @@ pub async fn serve(config: ServeConfig) -> Result<ServerHandle, ServeError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
+    let (adapters, base) = (config.adapters.clone(), name.clone());
+    let chat = tokio::task::spawn_blocking(move || {
+        ChatEngine::load_with_adapters(&dir, device, engine_config, &adapters, &base)
+    })
+    .await
+    .map_err(|e| ServeError::Join(e.to_string()))??;
+    let engine = chat.engine().clone();
     let state = Arc::new(AppState {
         reasoning_parser: config.reasoning_parser,
         chat,
@@ -445,19 +452,42 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), None))
 }
 
-fn check_model(state: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+/// The name a response reports: the adapter's, or the base model's.
+fn served_name(st: &AppState, adapter: Option<crate::engine::lora::AdapterId>) -> String {
+    adapter
+        .and_then(|id| st.chat.engine().adapters().get(id).cloned())
+        .unwrap_or_else(|| st.model.clone())
+}
+
+/// The adapter a request's `model` names: `None` for the base model (or no `model`), the adapter's id for a
+/// served LoRA adapter; anything else is OpenAI's 404 `model_not_found`.
+fn check_model(
+    state: &AppState,
+    model: &Option<String>,
+) -> Result<Option<crate::engine::lora::AdapterId>, ApiError> {
+    let adapters = state.chat.engine().adapters();
     match model {
-        Some(m) if m != &state.model => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "the model `{m}` does not exist; this server serves `{}`",
-                state.model
-            ),
-            kind: "invalid_request_error",
-            param: Some("model"),
-            code: Some("model_not_found"),
-        }),
-        _ => Ok(()),
+        None => Ok(None),
+        Some(m) if m == &state.model => Ok(None),
+        Some(m) => match adapters.iter().position(|a| a == m) {
+            Some(id) => Ok(Some(id)),
+            None => {
+                let served: Vec<String> = std::iter::once(&state.model)
+                    .chain(adapters)
+                    .map(|n| format!("`{n}`"))
+                    .collect();
+                Err(ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    message: format!(
+                        "the model `{m}` does not exist; this server serves {}",
+                        served.join(", ")
+                    ),
+                    kind: "invalid_request_error",
+                    param: Some("model"),
+                    code: Some("model_not_found"),
+                })
+            }
+        },
     }
 }
 
@@ -587,19 +617,29 @@ async fn metrics(State(st): State<Shared>) -> impl IntoResponse {
 async fn models(State(st): State<Shared>, headers: HeaderMap) -> Response {
     let weights = st.chat.engine().weight_stats();
     let r = authorize(&st, &headers).map(|()| {
-        axum::Json(json!({
-            "object": "list",
-            "data": [{
-                "id": st.model,
+        let created = now_secs();
+        let mut data = vec![json!({
+            "id": st.model,
+            "object": "model",
+            "created": created,
+            "owned_by": "qcluster",
+            "max_model_len": st.chat.engine().limits().max_model_len,
+            "quantization": weights.quantization.to_string(),
+            "weight_bytes": weights.bytes,
+            "f32_weight_bytes": weights.f32_bytes,
+        })];
+        // LoRA adapters as vLLM lists them: their own id, `parent` = the base model.
+        data.extend(st.chat.engine().adapters().iter().map(|a| {
+            json!({
+                "id": a,
                 "object": "model",
-                "created": now_secs(),
+                "created": created,
                 "owned_by": "qcluster",
+                "parent": st.model,
                 "max_model_len": st.chat.engine().limits().max_model_len,
-                "quantization": weights.quantization.to_string(),
-                "weight_bytes": weights.bytes,
-                "f32_weight_bytes": weights.f32_bytes,
-            }]
-        }))
+            })
+        }));
+        axum::Json(json!({ "object": "list", "data": data }))
         .into_response()
     });
     finish(&st, r)
@@ -641,7 +681,7 @@ async fn chat_job(
 ) -> Result<(Job, bool), ApiError> {
     authorize(st, headers)?;
     let req: ChatRequest = parse(body)?;
-    check_model(st, &req.model)?;
+    let adapter = check_model(st, &req.model)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request(
             "messages must not be empty",
@@ -677,14 +717,14 @@ async fn chat_job(
     let generation = st
         .chat
         .engine()
-        .submit(prompt, params)
+        .submit_with(prompt, params, adapter)
         .map(Generation::new)?;
     Ok((
         Job {
             api: Api::Chat,
             id: new_id("chatcmpl"),
             created: now_secs(),
-            model: st.model.clone(),
+            model: served_name(st, adapter),
             generation,
             include_usage: req.sampling.include_usage(),
             prefix: String::new(),
@@ -709,7 +749,7 @@ async fn completion_job(
 ) -> Result<(Job, bool), ApiError> {
     authorize(st, headers)?;
     let req: CompletionRequest = parse(body)?;
-    check_model(st, &req.model)?;
+    let adapter = check_model(st, &req.model)?;
     let (prompt, prompt_text) = match &req.prompt {
         Prompt::Text(t) => (
             st.chat
@@ -747,7 +787,7 @@ async fn completion_job(
     let generation = st
         .chat
         .engine()
-        .submit(prompt, params)
+        .submit_with(prompt, params, adapter)
         .map(Generation::new)
         .map_err(|e| {
             let mut e = ApiError::from(e);
@@ -761,7 +801,7 @@ async fn completion_job(
             api: Api::Completion,
             id: new_id("cmpl"),
             created: now_secs(),
-            model: st.model.clone(),
+            model: served_name(st, adapter),
             generation,
             include_usage: req.sampling.include_usage(),
             prefix: if req.echo.unwrap_or(false) {

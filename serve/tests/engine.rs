@@ -86,6 +86,7 @@ fn prompt_logits_match_the_training_model() {
                     tokens: &prompt,
                     start: 0,
                     table: &table,
+                    adapter: None,
                 }],
                 LogitRows::All,
             )
@@ -119,6 +120,7 @@ fn incremental_decode_and_chunked_prefill_equal_full_recompute() {
                 tokens: &prompt[pos..pos + n],
                 start: pos,
                 table: &table,
+                adapter: None,
             };
             got.extend(eng.forward(&mut cache, &[chunk], LogitRows::All).unwrap());
             pos += n;
@@ -150,6 +152,7 @@ fn one_batched_forward_equals_separate_forwards() {
             tokens: p,
             start: 0,
             table: &t,
+            adapter: None,
         };
         alone.extend(eng.forward(&mut cache, &[c], LogitRows::Last).unwrap());
     }
@@ -166,6 +169,7 @@ fn one_batched_forward_equals_separate_forwards() {
             tokens: p,
             start: 0,
             table: t,
+            adapter: None,
         })
         .collect();
     let together = eng.forward(&mut cache, &chunks, LogitRows::Last).unwrap();
@@ -237,6 +241,7 @@ fn greedy_batching_equals_sequential(dir: &str, config: EngineConfig) -> Arc<Met
             prompt: p.clone(),
             params: SamplingParams::greedy(m),
             events: tx,
+            adapter: None,
         })
         .unwrap();
         run_all(&mut c);
@@ -253,6 +258,7 @@ fn greedy_batching_equals_sequential(dir: &str, config: EngineConfig) -> Arc<Met
             prompt: p.clone(),
             params: SamplingParams::greedy(m),
             events: tx,
+            adapter: None,
         })
         .unwrap();
         rxs.push(rx);
@@ -325,6 +331,7 @@ fn a_dropped_receiver_frees_its_blocks() {
         prompt: ids(10, 5, 256),
         params: SamplingParams::greedy(100),
         events: tx,
+        adapter: None,
     })
     .unwrap();
     c.step().unwrap();
@@ -355,6 +362,7 @@ fn requests_that_can_never_fit_are_rejected() {
             prompt: ids(250, 1, 256),
             params: SamplingParams::greedy(10),
             events: tx.clone(),
+            adapter: None,
         })
         .unwrap_err();
     assert!(err.to_string().contains("maximum context length"), "{err}");
@@ -363,6 +371,7 @@ fn requests_that_can_never_fit_are_rejected() {
             prompt: vec![300],
             params: SamplingParams::greedy(1),
             events: tx,
+            adapter: None,
         })
         .unwrap_err();
     assert!(err.to_string().contains("out of the vocabulary"), "{err}");

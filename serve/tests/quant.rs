@@ -404,6 +404,7 @@ fn prompt_logits(m: &InferenceModel, prompt: &[u32]) -> Vec<Vec<f32>> {
             tokens: prompt,
             start: 0,
             table: &table,
+            adapter: None,
         }],
         LogitRows::All,
     )
@@ -596,6 +597,7 @@ fn greedy(q: Quantization, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
             prompt: p.clone(),
             params: SamplingParams::greedy(n),
             events: tx,
+            adapter: None,
         })
         .unwrap();
         rxs.push(rx);

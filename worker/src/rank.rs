@@ -325,7 +325,7 @@ pub fn rank_main() -> anyhow::Result<()> {
             match (spec.serve_after_training, last_checkpoint) {
                 (Some(true), Some(dir)) if env.rank == 0 => {
                     let settings = spec.serve.clone().unwrap_or_default();
-                    crate::serving::serve_until_stopped(&env, &settings, &dir, &mut link)
+                    crate::serving::serve_until_stopped(&env, &spec, &settings, &dir, &mut link)
                 }
                 (Some(true), None) if env.rank == 0 => {
                     anyhow::bail!("serve_after_training: the run wrote no checkpoint to serve")

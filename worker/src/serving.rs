@@ -34,10 +34,24 @@ fn servable_dir(model: &Path, adapters: Option<&Path>, run_dir: &Path) -> anyhow
     Ok(out)
 }
 
-/// Serves `model` as `settings` says until SIGTERM/SIGINT; reports the endpoint through `link`.
-pub fn serve_until_stopped(env: &RankEnv, settings: &ServeSpec, model: &Path, link: &mut RankLink) -> anyhow::Result<()> {
+/// Serves `model` as `settings` says until SIGTERM/SIGINT; reports the endpoint through `link`. On this rank's
+/// GPU when the job asks for GPUs (`resources.gpus_per_node > 0`, bf16), else on the CPU.
+pub fn serve_until_stopped(
+    env: &RankEnv,
+    spec: &qjobspec::JobSpec,
+    settings: &ServeSpec,
+    model: &Path,
+    link: &mut RankLink,
+) -> anyhow::Result<()> {
     let dir = servable_dir(model, settings.adapters.as_deref().map(Path::new), &env.run_dir)?;
+    let gpu = crate::rank::rank_gpu(
+        spec.resources.gpus_per_node,
+        env.local_rank,
+        |k| std::env::var(k).ok(),
+        qparallel::comm::nccl::cuda_device_count,
+    )?;
     let mut config = qserve::ServeConfig::new(&dir);
+    config.device = gpu.map_or(qkernels::Device::Cpu, qkernels::Device::Cuda);
     let ip: std::net::IpAddr = env.node_address.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     config.listen = std::net::SocketAddr::new(ip, settings.port);
     config.served_model_name = settings.served_model_name.clone();
@@ -51,7 +65,7 @@ pub fn serve_until_stopped(env: &RankEnv, settings: &ServeSpec, model: &Path, li
         .block_on(qserve::serve(config))
         .with_context(|| format!("cannot serve {}", dir.display()))?;
     let endpoint = format!("http://{}/v1", server.local_addr());
-    eprintln!("serving {} at {endpoint}", dir.display());
+    eprintln!("serving {} at {endpoint} on {}", dir.display(), device_name(gpu));
     let results = HashMap::from([
         ("endpoint".to_string(), endpoint),
         ("served_model".to_string(), dir.display().to_string()),
@@ -72,5 +86,10 @@ pub fn serve_until_stopped(env: &RankEnv, settings: &ServeSpec, model: &Path, li
 pub fn run_serve_rank(env: &RankEnv, spec: &qjobspec::JobSpec, link: &mut RankLink) -> anyhow::Result<()> {
     let settings = spec.serve.clone().context("a serve job has a `serve:` block (checked at submit)")?;
     let model = PathBuf::from(settings.model.clone().context("serve.model (checked at submit)")?);
-    serve_until_stopped(env, &settings, &model, link)
+    serve_until_stopped(env, spec, &settings, &model, link)
+}
+
+/// "cuda:N" or "the CPU", for log lines.
+fn device_name(gpu: Option<usize>) -> String {
+    gpu.map_or("the CPU".into(), |i| format!("cuda:{i}"))
 }

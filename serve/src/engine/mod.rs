@@ -43,6 +43,8 @@ enum Command {
 pub struct Engine {
     tx: mpsc::Sender<Command>,
     limits: EngineLimits,
+    /// Names of the served LoRA adapters, by [`lora::AdapterId`].
+    adapters: Arc<Vec<String>>,
     weights: WeightStats,
     metrics: Arc<Metrics>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
@@ -54,6 +56,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let limits = core.limits();
         let weights = core.weight_stats();
+        let adapters = Arc::new(core.model().adapters().list().map(|(n, _)| n.to_string()).collect());
         let thread = std::thread::Builder::new()
             .name("qserve-engine".into())
             .spawn(move || run(core, rx))
@@ -61,6 +64,7 @@ impl Engine {
         Engine {
             tx,
             limits,
+            adapters,
             weights,
             metrics,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
@@ -82,19 +86,38 @@ impl Engine {
         &self.metrics
     }
 
-    /// Queues a generation; the receiver gets its [`Event`]s.
+    /// The names of the served LoRA adapters (index = [`lora::AdapterId`]).
+    pub fn adapters(&self) -> &[String] {
+        &self.adapters
+    }
+
+    /// Queues a generation on the base model; the receiver gets its [`Event`]s.
     pub fn submit(
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<UnboundedReceiver<Event>, EngineError> {
+        self.submit_with(prompt, params, None)
+    }
+
+    /// Queues a generation with LoRA adapter `adapter` (`None`: the base model).
+    pub fn submit_with(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        adapter: Option<lora::AdapterId>,
+    ) -> Result<UnboundedReceiver<Event>, EngineError> {
         self.limits.check(&prompt, &params)?;
+        if adapter.is_some_and(|id| id >= self.adapters.len()) {
+            return Err(EngineError::InvalidRequest(format!("no LoRA adapter with id {adapter:?}")));
+        }
         let (events, rx) = unbounded_channel();
         self.tx
             .send(Command::Add(Request {
                 prompt,
                 params,
                 events,
+                adapter,
             }))
             .map_err(|_| EngineError::Stopped)?;
         Ok(rx)

@@ -46,6 +46,7 @@ use qparallel::model::{
 
 use super::error::EngineError;
 use super::kv::{BlockTable, KvCache, KvCacheConfig};
+use super::lora::{AdapterId, AdapterSet, RowRun, row_runs};
 use super::quant::{Format, QuantError, Quantization, Weight, WeightStats, grouped_linear};
 
 /// The next tokens of one sequence (see module docs).
@@ -57,6 +58,8 @@ pub struct Chunk<'a> {
     pub start: usize,
     /// The sequence's blocks; must cover `0..start + n`.
     pub table: &'a BlockTable,
+    /// The LoRA adapter this sequence runs with ([`InferenceModel::with_adapters`]); `None`: the base model.
+    pub adapter: Option<AdapterId>,
 }
 
 /// The per-call u32 tensors of the paged cache (see the module docs), shared by every layer.
@@ -69,6 +72,8 @@ struct PagedRows {
     row_seq: Tensor,
     /// `[T]` position of each row.
     row_pos: Tensor,
+    /// Runs of rows by adapter (empty when no adapter is served).
+    runs: Vec<RowRun>,
 }
 
 /// Which rows get logits.
@@ -88,6 +93,8 @@ pub struct InferenceModel {
     device: Device,
     dtype: DType,
     quantization: Quantization,
+    /// LoRA adapters served beside the base weights (see [`super::lora`]).
+    adapters: AdapterSet,
 }
 
 /// The dtype the engine computes in on `device`: f32 on the CPU (the reference backend), bf16 on CUDA.
@@ -207,6 +214,7 @@ impl InferenceModel {
             device,
             dtype: compute_dtype(device),
             quantization,
+            adapters: AdapterSet::default(),
         })
     }
 
@@ -262,6 +270,7 @@ impl InferenceModel {
             device,
             dtype,
             quantization: Quantization::None,
+            adapters: AdapterSet::default(),
         })
     }
 
@@ -303,6 +312,24 @@ impl InferenceModel {
         }
         self.quantization = quantization;
         Ok(self)
+    }
+
+    /// Serves the PEFT adapter directories `specs` (`(name, dir)`) beside the base weights, chosen per sequence by
+    /// [`Chunk::adapter`] (see [`super::lora`]): each is checked against this model's parameter shapes and uploaded
+    /// to its device in its dtype. `base_name` is the base model's served name (an adapter cannot take it).
+    pub fn with_adapters(mut self, specs: &[(String, std::path::PathBuf)], base_name: &str) -> Result<Self, EngineError> {
+        let mut shapes = BTreeMap::new();
+        self.params.visit(&mut |name, w| {
+            shapes.insert(name, w.shape().to_vec());
+        });
+        self.adapters =
+            AdapterSet::load(specs, base_name, &|n| shapes.get(n).cloned(), &self.device, self.dtype)?;
+        Ok(self)
+    }
+
+    /// The adapters served beside the base weights.
+    pub fn adapters(&self) -> &AdapterSet {
+        &self.adapters
     }
 
     /// The model config.
@@ -449,6 +476,11 @@ impl InferenceModel {
                     c.start + c.tokens.len()
                 )));
             }
+            if let Some(id) = c.adapter
+                && self.adapters.list().nth(id).is_none()
+            {
+                return Err(EngineError::InvalidRequest(format!("no adapter with id {id}")));
+            }
             if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(EngineError::InvalidRequest(format!(
                     "token id {bad} is out of the vocabulary ({})",
@@ -475,6 +507,11 @@ impl InferenceModel {
             tables: Tensor::from_u32(tables, &[chunks.len(), max_blocks], dev)?,
             row_seq: Tensor::from_u32(row_seq, &[t], dev)?,
             row_pos: pos_t,
+            runs: if self.adapters.is_empty() {
+                Vec::new()
+            } else {
+                row_runs(chunks.iter().map(|c| (c.tokens.len(), c.adapter)))
+            },
         };
 
         let mut x = ops::embedding_fwd(&ids_t, self.params.embed_tokens.dense()?)?;
@@ -518,28 +555,45 @@ impl InferenceModel {
         );
         let a = &layer.self_attn;
         let xn = ops::rmsnorm_fwd(x, layer.input_layernorm.dense()?, eps)?.y;
-        let q = a.q_proj.linear(&xn)?.reshape(&[t, hq, d])?;
+        let proj = |module: &str, w: &Weight, x: &Tensor| self.proj(li, module, w, x, &paged.runs);
+        let q = proj("self_attn.q_proj", &a.q_proj, &xn)?.reshape(&[t, hq, d])?;
         let q = ops::rope_fwd(&ops::rmsnorm_fwd(&q, a.q_norm.dense()?, eps)?.y, rope)?;
-        let k = a.k_proj.linear(&xn)?.reshape(&[t, hkv, d])?;
+        let k = proj("self_attn.k_proj", &a.k_proj, &xn)?.reshape(&[t, hkv, d])?;
         let k = ops::rope_fwd(&ops::rmsnorm_fwd(&k, a.k_norm.dense()?, eps)?.y, rope)?;
-        let v = a.v_proj.linear(&xn)?.reshape(&[t, hkv, d])?;
+        let v = proj("self_attn.v_proj", &a.v_proj, &xn)?.reshape(&[t, hkv, d])?;
         // Write first: a prefill row attends to the rows of its own chunk.
         cache.write(li, &k, &v, &paged.slots)?;
         let (kc, vc) = cache.pools(li);
         let o = ops::paged_attention(&q, kc, vc, &paged.tables, &paged.row_seq, &paged.row_pos)?
             .reshape(&[t, hq * d])?;
-        let h = x.add(&a.o_proj.linear(&o)?)?;
+        let h = x.add(&proj("self_attn.o_proj", &a.o_proj, &o)?)?;
         let hn = ops::rmsnorm_fwd(&h, layer.post_attention_layernorm.dense()?, eps)?.y;
-        let f = self.ffn(&layer.mlp, &hn)?;
+        let f = self.ffn(li, &layer.mlp, &hn, &paged.runs)?;
         Ok(h.add(&f)?)
     }
 
-    fn ffn(&self, ffn: &Ffn<Weight>, xn: &Tensor) -> Result<Tensor, EngineError> {
+    /// `x·Wᵀ` of the projection `module` of layer `li`, plus the LoRA contributions of the adapters its rows use.
+    fn proj(
+        &self,
+        li: usize,
+        module: &str,
+        w: &Weight,
+        x: &Tensor,
+        runs: &[RowRun],
+    ) -> Result<Tensor, EngineError> {
+        let y = w.linear(x)?;
+        if runs.iter().all(|r| r.adapter.is_none()) {
+            return Ok(y);
+        }
+        self.adapters.apply(&format!("model.layers.{li}.{module}.weight"), x, y, runs)
+    }
+
+    fn ffn(&self, li: usize, ffn: &Ffn<Weight>, xn: &Tensor, runs: &[RowRun]) -> Result<Tensor, EngineError> {
         match ffn {
             Ffn::Dense(m) => {
-                let g = m.gate_proj.linear(xn)?;
-                let u = m.up_proj.linear(xn)?;
-                m.down_proj.linear(&ops::swiglu_fwd(&g, &u)?)
+                let g = self.proj(li, "mlp.gate_proj", &m.gate_proj, xn, runs)?;
+                let u = self.proj(li, "mlp.up_proj", &m.up_proj, xn, runs)?;
+                self.proj(li, "mlp.down_proj", &m.down_proj, &ops::swiglu_fwd(&g, &u)?, runs)
             }
             Ffn::Moe(moe) => {
                 let mc = self.config.moe.as_ref().ok_or_else(|| {

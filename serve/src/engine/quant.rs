@@ -600,6 +600,15 @@ impl Weight {
         })
     }
 
+    /// The logical shape (`[out, in]` for a quantized weight).
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Weight::F32(t) => t.shape().to_vec(),
+            Weight::Int8(q) => vec![q.shape().0, q.shape().1],
+            Weight::Int4(q) => vec![q.shape().0, q.shape().1],
+        }
+    }
+
     /// The storage format.
     pub fn format(&self) -> Format {
         match self {

@@ -126,6 +126,8 @@ pub struct Request {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub events: UnboundedSender<Event>,
+    /// The LoRA adapter to generate with (`None`: the base model); see [`super::lora`].
+    pub adapter: Option<super::lora::AdapterId>,
 }
 
 /// Limits a request is checked against before it is queued.
@@ -162,6 +164,8 @@ impl EngineLimits {
 }
 
 struct Seq {
+    /// The LoRA adapter this sequence runs with.
+    adapter: Option<super::lora::AdapterId>,
     all: Vec<u32>,
     prompt_len: usize,
     computed: usize,
@@ -295,13 +299,24 @@ impl EngineCore {
         self.config
     }
 
+    /// The model (its config, weights and served adapters).
+    pub fn model(&self) -> &InferenceModel {
+        &self.model
+    }
+
     /// Queues a request.
     pub fn add(&mut self, req: Request) -> Result<(), EngineError> {
         self.limits.check(&req.prompt, &req.params)?;
+        if let Some(id) = req.adapter
+            && self.model.adapters().list().nth(id).is_none()
+        {
+            return Err(EngineError::InvalidRequest(format!("no LoRA adapter with id {id}")));
+        }
         self.metrics
             .prompt_tokens_total
             .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
         self.waiting.push_back(Seq {
+            adapter: req.adapter,
             prompt_len: req.prompt.len(),
             all: req.prompt,
             computed: 0,
@@ -373,6 +388,7 @@ impl EngineCore {
                         tokens: &s.all[s.computed..s.computed + n],
                         start: s.computed,
                         table: &s.table,
+                        adapter: s.adapter,
                     }
                 })
                 .collect();
