@@ -5,6 +5,20 @@
 // preferring the larger value and, on a tie, the smaller index — so the result is the first index of the row's
 // maximum, as the host's argmax. A row with no value above -inf (all -inf or NaN) gives 0.
 
+// Butterfly reduction of (value, index) over the 32 lanes of a warp: every lane ends with the larger value, the
+// smaller index on a tie.
+__device__ __forceinline__ void warp_argmax(float& best, int& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void argmax_row(const T* __restrict__ x, unsigned int* __restrict__ out, int cols) {
     __shared__ float sv[32];
@@ -20,15 +34,7 @@ __device__ __forceinline__ void argmax_row(const T* __restrict__ x, unsigned int
         }
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    warp_argmax(best, bi);
     if (lane == 0) {
         sv[warp] = best;
         si[warp] = bi;
@@ -37,15 +43,7 @@ __device__ __forceinline__ void argmax_row(const T* __restrict__ x, unsigned int
     if (warp == 0) {
         best = lane < nw ? sv[lane] : -INFINITY;
         bi = lane < nw ? si[lane] : cols;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > best || (ov == best && oi < bi)) {
-                best = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(best, bi);
         if (lane == 0) out[blockIdx.x] = bi >= cols ? 0u : (unsigned int)bi;
     }
 }

@@ -8,9 +8,10 @@
 //! - a tensor's dtype is one of [`DType`]; its shape is fixed at creation (ops return new tensors);
 //! - cloning is cheap (the storage is reference counted) and never copies data;
 //! - tensors are immutable values: "in-place" helpers such as [`Tensor::add_assign`] replace `self` with a new
-//!   value, so a tensor saved for backward is never modified behind the saver's back. The one exception is the
-//!   inference KV cache: [`crate::ops::kv_cache_write`] writes into the pools' storage in place (see
-//!   [`crate::ops::paged_attention`]).
+//!   value, so a tensor saved for backward is never modified behind the saver's back. Two exceptions write into
+//!   existing storage, each on buffers its owner holds exclusively: the inference KV cache
+//!   ([`crate::ops::kv_cache_write`], see [`crate::ops::paged_attention`](mod@crate::ops::paged_attention)) and the optimizer's masters, moments and
+//!   the weights it last wrote ([`crate::ops::adamw::adamw_step_multi`]).
 //!
 //! Host data moves in and out as `(Vec<f32> | Vec<u32>, shape)`: [`Tensor::from_f32`], [`Tensor::to_vec_f32`],
 //! [`Tensor::shape`]. (Checkpoint IO's `(shape, data)` type lives in `qparallel::hf`.)

@@ -434,6 +434,8 @@ fn device_optimizer_skips_non_finite_steps() {
     norm[0] = f32::NAN;
     model.params.norm = qkernels::Tensor::from_f32(norm, &[64], &Device::Cpu).unwrap();
     let mut trainer = Trainer::with_device_optimizer(model, device_opts()).unwrap();
+    assert!(trainer.master().is_empty() && !trainer.host_state_current());
+    trainer.sync_host_state().unwrap();
     let before = trainer.master().clone();
     let s = trainer.step(&random_batches(1)[..1]).unwrap();
     assert!(s.skipped && s.grad_norm.is_nan(), "{s:?}");

@@ -167,12 +167,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut cfg = qworker::training::train_config(&spec)?;
     let gpu = match ordinal {
         Some(i) => Some(i),
-        None => qworker::rank::rank_gpu(
-            spec.resources.gpus_per_node,
-            0,
-            |k| std::env::var(k).ok(),
-            qparallel::comm::nccl::cuda_device_count,
-        )?,
+        None => qworker::rank::job_rank_gpu(&spec, 0)?,
     };
     let training = spec.training().expect("train_config checked the kind");
     (cfg.device, cfg.compute_dtype) = qworker::training::placement(&training, gpu)?;

@@ -214,6 +214,7 @@ fn run(a: Args) -> Result<(), Error> {
             prompt: prompt.clone(),
             params,
             events: tx,
+            adapter: None,
         })?;
         let t0 = Instant::now();
         core.step()?; // prefill + first token
@@ -290,6 +291,7 @@ fn generate(model: InferenceModel, prompts: &[Vec<u32>], n: usize) -> Result<Vec
             prompt: p.clone(),
             params,
             events: tx,
+            adapter: None,
         })?;
         rxs.push(rx);
     }

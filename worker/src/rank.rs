@@ -376,13 +376,19 @@ pub fn rank_gpu(
     Ok(Some(ordinal))
 }
 
-fn run_comm_check(env: RankEnv, spec: &JobSpec) -> anyhow::Result<()> {
-    let gpu = rank_gpu(
+/// [`rank_gpu`] for the rank `local_rank` of a job on this node, reading this process's environment and the
+/// CUDA driver's device count.
+pub fn job_rank_gpu(spec: &JobSpec, local_rank: u32) -> anyhow::Result<Option<usize>> {
+    rank_gpu(
         spec.resources.gpus_per_node,
-        env.local_rank,
+        local_rank,
         |k| std::env::var(k).ok(),
         qparallel::comm::nccl::cuda_device_count,
-    )?;
+    )
+}
+
+fn run_comm_check(env: RankEnv, spec: &JobSpec) -> anyhow::Result<()> {
+    let gpu = job_rank_gpu(spec, env.local_rank)?;
     if let Some(ordinal) = gpu {
         return run_comm_check_nccl(env, spec, ordinal);
     }

@@ -44,12 +44,7 @@ pub fn serve_until_stopped(
     link: &mut RankLink,
 ) -> anyhow::Result<()> {
     let dir = servable_dir(model, settings.adapters.as_deref().map(Path::new), &env.run_dir)?;
-    let gpu = crate::rank::rank_gpu(
-        spec.resources.gpus_per_node,
-        env.local_rank,
-        |k| std::env::var(k).ok(),
-        qparallel::comm::nccl::cuda_device_count,
-    )?;
+    let gpu = crate::rank::job_rank_gpu(spec, env.local_rank)?;
     let mut config = qserve::ServeConfig::new(&dir);
     config.device = gpu.map_or(qkernels::Device::Cpu, qkernels::Device::Cuda);
     let ip: std::net::IpAddr = env.node_address.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));

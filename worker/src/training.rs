@@ -2,9 +2,13 @@
 //! [`TrainConfig`] and its `parallel:` block onto [`ParallelDims`] (shared by `qctl train --local` and the rank
 //! process), and the rank-side runner that reports progress and committed checkpoints to whoever launched it.
 //!
-//! A job of one rank runs [`run_training`] in the rank process. A job of several ranks connects the CPU TCP
-//! communicator among its ranks (addresses exchanged through the [`RankLink`] rendezvous, as comm-check does)
-//! and runs [`run_distributed_training`]: every rank trains its share, and only global rank 0 writes the output
+//! Where a rank trains ([`placement`]): on its GPU when the job asks for GPUs (`resources.gpus_per_node > 0`,
+//! one rank per GPU, bf16 unless `torch_dtype` says otherwise), else on the CPU in f32.
+//!
+//! A job of one rank runs [`run_training`] in the rank process. A job of several ranks connects its ranks —
+//! one NCCL communicator over all of them on GPUs (the unique id through the [`RankLink`] KV), the CPU TCP
+//! communicator otherwise (addresses exchanged through the rendezvous, as comm-check does) — and runs
+//! [`run_distributed_training`]: every rank trains its share, and only global rank 0 writes the output
 //! directory and reports progress, checkpoints and results (the coordinator keeps whatever a rank of the current
 //! attempt reports, so one reporter keeps the job's progress consistent).
 
@@ -275,12 +279,7 @@ pub fn run_rank_training(env: &RankEnv, spec: &JobSpec, link: &mut RankLink) -> 
         spec.world_size()
     );
     let world_size = env.world_size as usize;
-    let gpu = crate::rank::rank_gpu(
-        spec.resources.gpus_per_node,
-        env.local_rank,
-        |k| std::env::var(k).ok(),
-        qparallel::comm::nccl::cuda_device_count,
-    )?;
+    let gpu = crate::rank::job_rank_gpu(spec, env.local_rank)?;
     let training = spec.training().expect("train_config checked the kind");
     (cfg.device, cfg.compute_dtype) = placement(&training, gpu)?;
     let summary = if world_size == 1 {

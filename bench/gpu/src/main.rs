@@ -479,6 +479,11 @@ fn optim_parity() -> R<bool> {
     use qkernels::ops::{AdamWScalars, adamw_step, adamw_update_host, sum_squares};
     let mut pool = Pool::new(77);
     let mut ok = true;
+    // Normwise: max |a − b| / max |b| (elementwise relative error is meaningless where m crosses zero).
+    let rel = |a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(0f32, |acc, y| acc.max(y.abs())).max(f32::MIN_POSITIVE);
+        a.iter().zip(b).map(|(x, y)| ((x - y).abs() / scale) as f64).fold(0.0, f64::max)
+    };
     for (n, step, scale) in [(1usize, 1u64, 1.0f32), (1000, 3, 0.25), (1 << 20 | 7, 10, 1.0)] {
         let (p, g, m) = (pool.host(n, 1.0), pool.host(n, 1.0), pool.host(n, 0.1));
         let v: Vec<f32> = pool.host(n, 0.01).iter().map(|x| x * x).collect();
@@ -487,11 +492,6 @@ fn optim_parity() -> R<bool> {
         adamw_update_host(&s, scale, &mut hp, &g, &mut hm, &mut hv);
         let t = |x: &Vec<f32>| Tensor::from_f32(x.clone(), &[n], &gpu());
         let out = adamw_step(&t(&p)?, &t(&g)?, &t(&m)?, &t(&v)?, &s, scale, DType::BF16)?;
-        // Normwise: max |a − b| / max |b| (elementwise relative error is meaningless where m crosses zero).
-        let rel = |a: &[f32], b: &[f32]| {
-            let scale = b.iter().fold(0f32, |acc, y| acc.max(y.abs())).max(f32::MIN_POSITIVE);
-            a.iter().zip(b).map(|(x, y)| ((x - y).abs() / scale) as f64).fold(0.0, f64::max)
-        };
         let (ep, em, ev) = (
             rel(&out.master.to_vec_f32()?, &hp),
             rel(&out.exp_avg.to_vec_f32()?, &hm),
@@ -514,11 +514,157 @@ fn optim_parity() -> R<bool> {
     let pass = err <= 1e-5;
     ok &= pass;
     println!("sum_squares f32+bf16: {dev:.6} vs host {:.6} (f32 inputs {host:.6}) rel err {err:.2e} {}", host_a + host_b, if pass { "ok" } else { "FAIL" });
+
+    // The multi-tensor step (one launch, in place) over a list of odd sizes, weight/grad dtypes and decays, two
+    // steps: bit for bit against the per-tensor kernel, and within the bounds above against the host loop.
+    // `alias`: an f32 weight that is its master's buffer (what DeviceAdamW hands an f32 model).
+    use qkernels::ops::adamw::{AdamWParam, adamw_step_multi};
+    let (f32_, bf16_) = (DType::F32, DType::BF16);
+    let specs: [(usize, f64, DType, DType, bool); 11] = [
+        (1, 0.1, bf16_, f32_, false),
+        (1000, 0.0, f32_, f32_, false),
+        (1 << 20 | 7, 0.1, bf16_, bf16_, false),
+        (3, 0.05, f32_, bf16_, true),
+        (17, 0.0, bf16_, f32_, false),
+        (255, 0.1, f32_, f32_, true),
+        (65536, 0.2, bf16_, f32_, false),
+        (65537, 0.0, bf16_, bf16_, false),
+        (4099, 0.1, f32_, bf16_, false),
+        (0, 0.1, bf16_, f32_, false),
+        (2, 0.3, f32_, f32_, false),
+    ];
+    let dev_t = |x: &[f32], n: usize| Tensor::from_f32(x.to_vec(), &[n], &gpu());
+    // (multi: master, m, v, grad, weight) (per-tensor: master, m, v, weight) (host: p, m, v) per parameter.
+    let mut multi = Vec::new();
+    let mut single = Vec::new();
+    let mut host = Vec::new();
+    for &(n, _, wdt, gdt, alias) in &specs {
+        let (p, g, m) = (pool.host(n, 1.0), pool.host(n, 1.0), pool.host(n, 0.1));
+        let v: Vec<f32> = pool.host(n, 0.01).iter().map(|x| x * x).collect();
+        let grad = dev_t(&g, n)?.to_dtype(gdt)?;
+        let master = dev_t(&p, n)?;
+        let weight = if alias { master.clone() } else { dev_t(&p, n)?.to_dtype(wdt)? };
+        multi.push((master, dev_t(&m, n)?, dev_t(&v, n)?, grad.clone(), weight));
+        single.push((dev_t(&p, n)?, dev_t(&m, n)?, dev_t(&v, n)?, dev_t(&p, n)?.to_dtype(wdt)?));
+        host.push((p, m, v, grad.to_vec_f32()?));
+    }
+    let dev = cuda_dev()?;
+    let allocs = || dev.as_ref().map_or(0, |d| { let s = d.pool_stats(); s.mallocs + s.reuses });
+    let mut multi_allocs = 0;
+    for (step, scale) in [(1u64, 1.0f32), (2, 0.25)] {
+        let scalars = |wd: f64| AdamWScalars::new(0.9, 0.95, 1e-8, 3e-4, wd, step);
+        let mut list: Vec<AdamWParam<'_>> = multi
+            .iter_mut()
+            .zip(&specs)
+            .map(|((p, m, v, g, w), spec)| AdamWParam { master: p, exp_avg: m, exp_avg_sq: v, grad: g, weight: w, decay: scalars(spec.1).decay })
+            .collect();
+        let a0 = allocs();
+        adamw_step_multi(&mut list, &scalars(0.0), scale)?;
+        multi_allocs = multi_allocs.max(allocs() - a0);
+        drop(list);
+        for (((p, m, v, w), (_, _, _, g, _)), spec) in single.iter_mut().zip(&multi).zip(&specs) {
+            let out = adamw_step(p, &g.to_dtype(DType::F32)?, m, v, &scalars(spec.1), scale, w.dtype())?;
+            (*p, *m, *v, *w) = (out.master, out.exp_avg, out.exp_avg_sq, out.weight);
+        }
+        for ((p, m, v, g), spec) in host.iter_mut().zip(&specs) {
+            adamw_update_host(&scalars(spec.1), scale, p, g, m, v);
+        }
+    }
+    let bits = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    let mut multi_ok = true;
+    for (((mt, st), ht), spec) in multi.iter().zip(&single).zip(&host).zip(&specs) {
+        let (n, wd, wdt, gdt, alias) = *spec;
+        let (mp, mm, mv, mw) = (mt.0.to_vec_f32()?, mt.1.to_vec_f32()?, mt.2.to_vec_f32()?, mt.4.to_vec_f32()?);
+        let same = bits(&mp, &st.0.to_vec_f32()?)
+            && bits(&mm, &st.1.to_vec_f32()?)
+            && bits(&mv, &st.2.to_vec_f32()?)
+            && bits(&mw, &st.3.to_vec_f32()?)
+            && mt.4.dtype() == wdt;
+        let (ep, em, ev, ew) = if n == 0 { (0.0, 0.0, 0.0, 0.0) } else { (rel(&mp, &ht.0), rel(&mm, &ht.1), rel(&mv, &ht.2), rel(&mw, &ht.0)) };
+        let wbound = if wdt == DType::BF16 { 1.0 / 128.0 } else { 1e-6 };
+        let pass = same && ep <= 1e-6 && em <= 1e-6 && ev <= 1e-6 && ew <= wbound;
+        multi_ok &= pass;
+        println!(
+            "adamw multi n={n} wd={wd} weight {wdt:?}{} grad {gdt:?}: bit-identical to per-tensor {same}; vs host master {ep:.2e} m {em:.2e} v {ev:.2e} weight {ew:.2e} {}",
+            if alias { " (= master)" } else { "" },
+            if pass { "ok" } else { "FAIL" }
+        );
+    }
+    if dev.is_some() {
+        // One allocation per step: the descriptor table; none for outputs.
+        let pass = multi_allocs <= 1;
+        multi_ok &= pass;
+        println!("adamw multi: {multi_allocs} device allocation(s) per step (expect 1: the descriptor table) {}", if pass { "ok" } else { "FAIL" });
+    }
+    ok &= multi_ok;
+    println!("optim-parity multi-tensor: {}", if multi_ok { "PASS" } else { "FAIL" });
+
+    // Timing (information only): every parameter of Qwen3-0.6B (bf16 weights, f32 grads), per-tensor launches
+    // (fresh outputs) against one multi-tensor launch, 10 steps each after one warm-up.
+    if dev.is_some() {
+        let cfg = official_config("qwen3-0.6b")?;
+        let shapes = Qwen3Params::build(&cfg, &mut |_, shape| Ok(shape))?;
+        let mut state = Vec::new();
+        shapes.visit(&mut |_, shape| state.push(shape.clone()));
+        let z = |shape: &[usize], dt: DType| Tensor::zeros(shape, dt, &gpu());
+        let mut ts = Vec::new();
+        for shape in &state {
+            ts.push((z(shape, f32_)?, z(shape, f32_)?, z(shape, f32_)?, Tensor::full(1e-3, shape, &gpu())?, z(shape, bf16_)?));
+        }
+        let s = AdamWScalars::new(0.9, 0.95, 1e-8, 3e-4, 0.1, 1);
+        let time = |f: &mut dyn FnMut() -> R<()>| -> R<f64> {
+            f()?;
+            cuda::synchronize(&gpu())?;
+            let t = Instant::now();
+            for _ in 0..10 {
+                f()?;
+            }
+            cuda::synchronize(&gpu())?;
+            Ok(t.elapsed().as_secs_f64() * 1e3 / 10.0)
+        };
+        let per_tensor = time(&mut || {
+            for (p, m, v, g, w) in ts.iter_mut() {
+                let out = adamw_step(p, g, m, v, &s, 0.5, DType::BF16)?;
+                (*p, *m, *v, *w) = (out.master, out.exp_avg, out.exp_avg_sq, out.weight);
+            }
+            Ok(())
+        })?;
+        let one_launch = time(&mut || {
+            let mut list: Vec<AdamWParam<'_>> = ts
+                .iter_mut()
+                .map(|(p, m, v, g, w)| AdamWParam { master: p, exp_avg: m, exp_avg_sq: v, grad: g, weight: w, decay: s.decay })
+                .collect();
+            Ok(adamw_step_multi(&mut list, &s, 0.5)?)
+        })?;
+        let elems: usize = state.iter().map(|s| s.iter().product::<usize>()).sum();
+        println!(
+            "adamw qwen3-0.6b ({} tensors, {elems} elements): per-tensor {per_tensor:.3} ms/step, multi-tensor {one_launch:.3} ms/step ({:.0} GB/s at 30 B/element)",
+            state.len(),
+            elems as f64 * 30.0 / (one_launch * 1e-3) / 1e9
+        );
+    }
     println!("optim-parity: {}", if ok { "PASS" } else { "FAIL" });
     Ok(ok)
 }
 
 // train-step
+
+/// Random init straight to the compute dtype on the GPU, one tensor at a time: matrices uniform with std 0.02,
+/// norm weights 1 (seeded, the same weights in every subcommand); the f32 staging copies are released after.
+pub(crate) fn random_gpu_params(cfg: &ModelConfig, dev: Option<&std::sync::Arc<cuda::device::CudaDev>>) -> R<Qwen3Params> {
+    let mut pool = Pool::new(1234);
+    let a = 0.02 * 3f32.sqrt();
+    let params = Qwen3Params::build(cfg, &mut |_, shape| {
+        let n: usize = shape.iter().product();
+        let data = if shape.len() == 1 { vec![1.0; n] } else { pool.host(n, a) };
+        Ok(Tensor::from_f32(data, &shape, &gpu())?.to_dtype(compute_dtype())?)
+    })?;
+    cuda::synchronize(&gpu())?;
+    if let Some(d) = dev {
+        d.release_cache()?; // the f32 staging copies
+    }
+    Ok(params)
+}
 
 fn official_config(name: &str) -> R<ModelConfig> {
     let text = match name {
@@ -562,23 +708,8 @@ fn train_step(args: &[String]) -> R<bool> {
     let dev = cuda_dev()?;
     let pool_stats = || dev.as_ref().map(|d| d.pool_stats()).unwrap_or_default();
 
-    // Random init, straight to bf16 on the GPU: matrices uniform with std 0.02, norm weights 1.
     let t0 = Instant::now();
-    let mut pool = Pool::new(1234);
-    let a = 0.02 * 3f32.sqrt();
-    let params = Qwen3Params::build(&cfg, &mut |_, shape| {
-        let n: usize = shape.iter().product();
-        let data = if shape.len() == 1 {
-            vec![1.0; n]
-        } else {
-            pool.host(n, a)
-        };
-        Ok(Tensor::from_f32(data, &shape, &gpu())?.to_dtype(compute_dtype())?)
-    })?;
-    cuda::synchronize(&gpu())?;
-    if let Some(d) = &dev {
-        d.release_cache()?; // the f32 staging copies
-    }
+    let params = random_gpu_params(&cfg, dev.as_ref())?;
     let mut model = Qwen3Model::new(cfg.clone(), params, gpu()).with_gradient_checkpointing(ckpt);
     // With --optimizer: fp32 masters + AdamW moments on the GPU, clipping at 1.0, torch_baseline's lr.
     let mut optimizer = if with_optimizer {

@@ -22,14 +22,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use qkernels::{Tensor, cuda};
-use qparallel::model::Qwen3Params;
 use qserve::engine::{
     Engine, EngineConfig, EngineCore, Event, FinishReason, InferenceModel, SamplingParams,
 };
 use qserve::metrics::Metrics;
 
-use super::{Pool, R, Rng, compute_dtype, cuda_dev, gpu, official_config};
+use super::{R, Rng, cuda_dev, gpu, official_config};
 
 /// H200 HBM3e bandwidth used for the floor (torch_generate.py uses the same).
 const HBM_BYTES_PER_S: f64 = 4.8e12;
@@ -162,23 +160,8 @@ pub fn serve(args: &[String]) -> R<bool> {
     let cfg = official_config(&a.model)?;
     let dev = cuda_dev()?;
 
-    // Random init straight to bf16 on the GPU, one tensor at a time.
     let t0 = Instant::now();
-    let mut pool = Pool::new(1234);
-    let amp = 0.02 * 3f32.sqrt();
-    let params = Qwen3Params::build(&cfg, &mut |_, shape| {
-        let n: usize = shape.iter().product();
-        let data = if shape.len() == 1 {
-            vec![1.0; n]
-        } else {
-            pool.host(n, amp)
-        };
-        Ok(Tensor::from_f32(data, &shape, &gpu())?.to_dtype(compute_dtype())?)
-    })?;
-    cuda::synchronize(&gpu())?;
-    if let Some(d) = &dev {
-        d.release_cache()?; // the f32 staging copies
-    }
+    let params = crate::random_gpu_params(&cfg, dev.as_ref())?;
     let model = InferenceModel::from_params(cfg.clone(), params, gpu())?;
     let weight_bytes = model.weight_stats().bytes;
     let dtype = model.dtype();

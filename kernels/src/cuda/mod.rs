@@ -14,7 +14,7 @@
 //! - [`ops`]: the CUDA implementation of every op the model needs, called from the dispatch arms in
 //!   [`crate::ops`] and [`crate::Tensor`].
 //! - [`paged`]: launch wrappers of the inference kernels (`paged_attention.cu`: in-place cache writes,
-//!   decode/prefill attention through block tables, see [`crate::ops::paged_attention`]; `argmax.cu`: row
+//!   decode/prefill attention through block tables, see [`crate::ops::paged_attention`](mod@crate::ops::paged_attention); `argmax.cu`: row
 //!   argmax for greedy decoding, see [`crate::ops::argmax`]).
 //! - [`optim`]: the fused AdamW step and the sum of squares for the gradient norm ([`crate::ops::adamw`]).
 //!

@@ -28,8 +28,8 @@ fn grid_for(dev: &CudaDev, n: usize) -> u32 {
     n.div_ceil(BLOCK as usize).clamp(1, cap) as u32
 }
 
-/// The kernel-name suffix of a float dtype.
-fn sfx(op: &'static str, d: DType) -> Result<&'static str> {
+/// The kernel-name suffix of a float dtype (shared by the other launch modules of `cuda/`).
+pub(crate) fn sfx(op: &'static str, d: DType) -> Result<&'static str> {
     match d {
         DType::F32 => Ok("f32"),
         DType::BF16 => Ok("bf16"),
@@ -56,7 +56,7 @@ fn dev_of(op: &'static str, ts: &[&Tensor]) -> Result<Arc<CudaDev>> {
     Ok(st(ts[0])?.dev().clone())
 }
 
-fn ptr(t: &Tensor) -> Result<KArg> {
+pub(crate) fn ptr(t: &Tensor) -> Result<KArg> {
     Ok(KArg::Ptr(st(t)?.ptr()))
 }
 

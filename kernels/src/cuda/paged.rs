@@ -1,11 +1,12 @@
 //! Launch wrappers of the inference kernels: `kernels/cuda/paged_attention.cu`, the CUDA side of
-//! [`crate::ops::paged_attention`] (shapes, invariants and the in-place contract are documented there), and
+//! [`crate::ops::paged_attention`](mod@crate::ops::paged_attention) (shapes, invariants and the in-place contract are documented there), and
 //! `kernels/cuda/argmax.cu` ([`crate::ops::argmax`]). The public ops have checked shapes,
 //! dtypes and devices before calling in here.
 
 use super::device::KArg;
+use super::ops::{ptr, sfx};
 use crate::device::DType;
-use crate::error::{KernelError, Result};
+use crate::error::Result;
 use crate::ops::paged_attention::check_caches;
 use crate::tensor::Tensor;
 
@@ -33,22 +34,6 @@ fn parts_for(blocks: usize, sms: usize) -> usize {
     }
 }
 
-fn suffix(op: &'static str, d: DType) -> Result<&'static str> {
-    match d {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        got => Err(KernelError::DType {
-            op,
-            expected: DType::BF16,
-            got,
-        }),
-    }
-}
-
-fn ptr(t: &Tensor) -> Result<KArg> {
-    Ok(KArg::Ptr(t.cuda()?.ptr()))
-}
-
 /// In-place `k_cache[slots[t]] = k[t]`, `v_cache[slots[t]] = v[t]` (checked by the caller).
 pub fn kv_cache_write(
     k_cache: &mut Tensor,
@@ -59,7 +44,7 @@ pub fn kv_cache_write(
 ) -> Result<()> {
     let op = "kv_cache_write";
     let c = check_caches(op, k_cache, v_cache)?;
-    let sfx = suffix(op, k_cache.dtype())?;
+    let sfx = sfx(op, k_cache.dtype())?;
     let dev = k_cache.cuda()?.dev().clone();
     let rows = k.shape()[0];
     let row = c.hkv * c.d;
@@ -108,7 +93,7 @@ pub fn paged_attention(
     let op = "paged_attention";
     let c = check_caches(op, k_cache, v_cache)?;
     let dt = q.dtype();
-    let sfx = suffix(op, dt)?;
+    let sfx = sfx(op, dt)?;
     let (t, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     if d > MAX_HEAD_DIM {
         return Err(super::unsupported(
@@ -199,7 +184,7 @@ pub fn paged_attention(
 /// `[rows]` u32 argmax of `x [rows, cols]` (checked by the caller).
 pub fn argmax_rows(x: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
     let op = "argmax_rows";
-    let sfx = suffix(op, x.dtype())?;
+    let sfx = sfx(op, x.dtype())?;
     let dev = x.cuda()?.dev().clone();
     let o = super::storage::CudaStorage::alloc(&dev, &[rows], DType::U32)?;
     // One block per row reads `cols` elements of its row and writes one u32.

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use super::device::{CudaDev, KArg};
+use super::ops::ptr;
 use super::storage::CudaStorage;
 use crate::device::DType;
 use crate::error::{KernelError, Result};
@@ -25,10 +26,6 @@ use crate::tensor::Tensor;
 const MODULE: &str = "router";
 /// Threads per block; the row kernels run one warp per row, so 8 rows a block.
 const BLOCK: u32 = 256;
-
-fn ptr(t: &Tensor) -> Result<KArg> {
-    Ok(KArg::Ptr(t.cuda()?.ptr()))
-}
 
 fn dev_of(op: &'static str, ts: &[&Tensor]) -> Result<Arc<CudaDev>> {
     Tensor::common_device(op, ts)?;

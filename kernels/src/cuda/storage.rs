@@ -2,8 +2,9 @@
 //!
 //! Invariants: the buffer holds at least `elem_count · dtype size` bytes, densely row-major; storages are never
 //! written after the op that created them returns (ops always allocate fresh outputs), so sharing a buffer
-//! between clones and reshapes is safe. Exception: the inference KV-cache pools, which
-//! [`crate::ops::kv_cache_write`] updates in place (stream-ordered; their owner never hands out clones).
+//! between clones and reshapes is safe. Exceptions, updated in place (stream-ordered) by owners that hold them
+//! exclusively: the inference KV-cache pools ([`crate::ops::kv_cache_write`]) and the optimizer state and weights
+//! of [`crate::ops::adamw::adamw_step_multi`].
 
 use std::sync::Arc;
 

@@ -16,7 +16,7 @@
 //! | [`router`] | softmax top-k router, aux-loss statistics | `dlogits` |
 //! | [`moe`] | token permute / weighted unpermute | scatter-add / `dyp`, `dweights` |
 //! | [`argmax`] | inference only: row argmax (greedy decoding on the device) | — |
-//! | [`paged_attention`] | inference only: in-place paged KV-cache write; causal GQA attention through block tables | — |
+//! | [`paged_attention`](mod@paged_attention) | inference only: in-place paged KV-cache write; causal GQA attention through block tables | — |
 //!
 //! Optimizer work on device tensors lives in [`adamw`] (fused AdamW step, sum of squares for the grad norm).
 

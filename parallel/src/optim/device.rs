@@ -1,6 +1,7 @@
 //! [`DeviceAdamW`]: the optimizer step on device tensors — fp32 master weights and AdamW moments kept on the
 //! model's device, the global gradient norm from one fused sum-of-squares pass, torch's clipping coefficient,
-//! and one fused AdamW kernel per parameter that also writes the model's compute weights (bf16 on GPU).
+//! and one multi-tensor AdamW launch for all parameters ([`qkernels::ops::adamw::adamw_step_multi`]) that also
+//! writes the model's compute weights (bf16 on GPU), with f32 or bf16 gradients read as they are.
 //!
 //! Same maths as the host optimizer ([`super::AdamW`] + [`super::clip_grad_norm`]); the clipping factor is not
 //! applied to the gradients in a separate pass but folded into the AdamW kernel (`g·coef` is the first thing it
@@ -8,6 +9,22 @@
 //!
 //! Invariants: after [`DeviceAdamW::step`] every parameter of the model equals its master cast to the
 //! model's dtype; masters and moments never leave the device (checkpoints read them back explicitly).
+//!
+//! In place (CUDA): a step overwrites the masters, moments and the model's weight tensors in their existing
+//! device buffers — no allocation per parameter in steady state. What makes that safe:
+//! - masters and moments are buffers this optimizer allocated itself (a fresh copy of each weight, two separate
+//!   zero moments, fresh uploads on [`restore`](DeviceAdamW::restore)) and never hands out as values:
+//!   [`master`](DeviceAdamW::master) lends a reference, and a clone of it taken by the caller is overwritten by
+//!   the next step (copy it, e.g. `to_vec_f32`, to keep it);
+//! - a model weight is written in place only if it is the very buffer this optimizer put into the model at its
+//!   previous step (compared by device address against a clone the slot keeps). Any other weight (the first
+//!   step, weights loaded or replaced since) is first replaced by an optimizer-owned buffer: a fresh one for
+//!   bf16, the master itself for f32 (so an f32 model's weights are its masters, as before);
+//! - consequently a clone of a model parameter taken after a step (e.g. `params.clone()`, `to_named()`) sees
+//!   the next step's values; callers keep no such clones across a step (the trainers and benches here take
+//!   clones only within a step or for an immediate gather/copy).
+//!
+//! On the CPU backend the same call replaces tensors instead (fresh values; clones keep the old ones).
 
 use std::collections::BTreeMap;
 
@@ -45,6 +62,14 @@ struct Slot {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     weight_decay: f64,
+    /// The weight tensor this optimizer put into the model at its last step (CUDA only): a model weight with
+    /// the same device buffer is written in place (see the module docs).
+    weight: Option<Tensor>,
+}
+
+/// The device buffer of a CUDA tensor (`None` on the CPU).
+fn device_addr(t: &Tensor) -> Option<u64> {
+    t.cuda_storage().map(|s| s.ptr())
 }
 
 /// What one [`DeviceAdamW::step`] did.
@@ -92,13 +117,20 @@ impl DeviceAdamW {
                 return;
             }
             let built = (|| -> Result<Slot, qkernels::KernelError> {
-                let master = t.to_dtype(DType::F32)?;
-                let zeros = Tensor::zeros(t.shape(), DType::F32, &t.device())?;
+                // A private master: on CUDA an f32 weight is copied (×1 is exact) rather than shared, because
+                // steps write the master in place.
+                let master = if t.is_cuda() && t.dtype() == DType::F32 {
+                    t.scale(1.0)?
+                } else {
+                    t.to_dtype(DType::F32)?
+                };
+                let zeros = || Tensor::zeros(t.shape(), DType::F32, &t.device());
                 Ok(Slot {
                     master,
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
+                    exp_avg: zeros()?,
+                    exp_avg_sq: zeros()?,
                     weight_decay: if decays(t.shape()) { weight_decay } else { 0.0 },
+                    weight: None,
                 })
             })();
             match built {
@@ -123,7 +155,8 @@ impl DeviceAdamW {
         self.steps
     }
 
-    /// The fp32 master of `name`.
+    /// The fp32 master of `name`. On CUDA the next step overwrites its buffer in place: a clone taken from
+    /// this reference changes with it (copy the values out to keep them).
     pub fn master(&self, name: &str) -> Option<&Tensor> {
         self.slots.get(name).map(|s| &s.master)
     }
@@ -236,43 +269,54 @@ impl DeviceAdamW {
             1.0
         };
         let t = self.steps + 1;
-        let mut dtypes = BTreeMap::new();
+        // Every scalar but the decay is shared; each parameter's decay is rounded exactly as
+        // `AdamWScalars::new` rounds it.
+        let (b1, b2, eps) = (self.config.beta1, self.config.beta2, self.config.eps);
+        let shared = ops::AdamWScalars::new(b1, b2, eps, lr, 0.0, t);
+        // The model's weights by name (clones share storage: on CUDA the step writes through them).
+        let mut weights: BTreeMap<String, Tensor> = BTreeMap::new();
         params.visit(&mut |name, w| {
-            dtypes.insert(name, w.dtype());
+            if self.slots.contains_key(&name) {
+                weights.insert(name, w.clone());
+            }
         });
-        let mut new_weights = BTreeMap::new();
-        for (name, slot) in self.slots.iter_mut() {
-            let g = &grads[name];
-            let g32 = if g.dtype() == DType::F32 {
-                g.clone()
+        if let Some(name) = self.slots.keys().find(|n| !weights.contains_key(*n)) {
+            return Err(DeviceOptimError::UnknownParam { name: name.clone() });
+        }
+        // A weight not written by our previous step gets an optimizer-owned buffer first (module docs).
+        for (name, slot) in self.slots.iter() {
+            let w = weights.get_mut(name).expect("checked above");
+            let Some(addr) = device_addr(w) else { continue };
+            if slot.weight.as_ref().and_then(device_addr) == Some(addr) {
+                continue;
+            }
+            *w = if w.dtype() == DType::F32 {
+                slot.master.clone()
             } else {
-                g.to_dtype(DType::F32)?
+                Tensor::zeros(w.shape(), w.dtype(), &w.device())?
             };
-            let s = ops::AdamWScalars::new(
-                self.config.beta1,
-                self.config.beta2,
-                self.config.eps,
-                lr,
-                slot.weight_decay,
-                t,
-            );
-            let weight_dtype = dtypes.get(name).copied().unwrap_or(DType::F32);
-            let out = ops::adamw_step(
-                &slot.master,
-                &g32,
-                &slot.exp_avg,
-                &slot.exp_avg_sq,
-                &s,
-                clip_coef,
-                weight_dtype,
-            )?;
-            slot.master = out.master;
-            slot.exp_avg = out.exp_avg;
-            slot.exp_avg_sq = out.exp_avg_sq;
-            new_weights.insert(name.clone(), out.weight);
+        }
+        let mut list: Vec<ops::adamw::AdamWParam<'_>> = Vec::with_capacity(self.slots.len());
+        // Both maps are keyed by the same names, so they iterate in the same order.
+        for ((name, slot), w) in self.slots.iter_mut().zip(weights.values_mut()) {
+            let decay = ops::AdamWScalars::new(b1, b2, eps, lr, slot.weight_decay, t).decay;
+            list.push(ops::adamw::AdamWParam {
+                master: &mut slot.master,
+                exp_avg: &mut slot.exp_avg,
+                exp_avg_sq: &mut slot.exp_avg_sq,
+                grad: &grads[name],
+                weight: w,
+                decay,
+            });
+        }
+        ops::adamw::adamw_step_multi(&mut list, &shared, clip_coef)?;
+        drop(list);
+        for (name, slot) in self.slots.iter_mut() {
+            let w = &weights[name];
+            slot.weight = w.is_cuda().then(|| w.clone());
         }
         params.visit_mut(&mut |name, w| {
-            if let Some(n) = new_weights.remove(&name) {
+            if let Some(n) = weights.remove(&name) {
                 *w = n;
             }
         });

@@ -302,6 +302,7 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
                     global_batch_size: cfg.global_batch_size(),
                 },
             )?;
+            trainer.release_host_state()?;
             observer.on_checkpoint(stats.step, &dir);
             summary.checkpoints.push(dir);
         }

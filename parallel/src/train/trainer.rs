@@ -233,7 +233,7 @@ impl Trainer {
         check_options(&opts)?;
         let opt = DeviceAdamW::new(&model, opts.adam, opts.weight_decay)?;
         let optimizer = AdamW::new(opts.adam)?;
-        let mut t = Trainer {
+        Ok(Trainer {
             model,
             master: TensorMap::new(),
             optimizer,
@@ -245,9 +245,7 @@ impl Trainer {
                 opt,
                 host_current: false,
             }),
-        };
-        t.sync_host_state()?;
-        Ok(t)
+        })
     }
 
     /// Casts the model's weights to `dtype` (bf16 compute on a GPU); the masters keep f32. Only with the device
@@ -296,8 +294,24 @@ impl Trainer {
         Ok(())
     }
 
+    /// Drops the host copies of the device optimizer's state (after a checkpoint: they would hold 12 bytes per
+    /// parameter of host memory for nothing). No-op with the host optimizer.
+    pub fn release_host_state(&mut self) -> Result<()> {
+        if let Some(d) = &mut self.device {
+            self.master = TensorMap::new();
+            self.optimizer = AdamW::new(self.opts.adam)?;
+            d.host_current = false;
+        }
+        Ok(())
+    }
+
     /// Number of trainable values (the masters' elements).
     pub fn trainable_params(&self) -> u64 {
+        if self.device.is_some() {
+            let mut n = 0;
+            self.model.params.visit(&mut |_, t| n += t.elem_count() as u64);
+            return n;
+        }
         self.master.values().map(|t| t.data.len() as u64).sum()
     }
 
@@ -332,6 +346,8 @@ impl Trainer {
     }
 
     /// The fp32 master weights by HF name (what a checkpoint saves); in LoRA mode the adapter factors by PEFT key.
+    /// With the device optimizer: the copy of the last [`Trainer::sync_host_state`] (empty before the first, and
+    /// after [`Trainer::release_host_state`]; see [`Trainer::host_state_current`]).
     pub fn master(&self) -> &TensorMap {
         &self.master
     }
@@ -363,6 +379,14 @@ impl Trainer {
         states: impl IntoIterator<Item = (String, AdamWState)>,
     ) -> Result<()> {
         for (name, state) in states {
+            if let Some(d) = &mut self.device {
+                // Checked against the device masters there. Every parameter has stepped as often as the run
+                // (skipped steps step none).
+                d.opt.restore(&name, &state)?;
+                d.opt.set_steps(state.step);
+                d.host_current = false;
+                continue;
+            }
             let Some(p) = self.master.get(&name) else {
                 return Err(TrainError::Invalid {
                     key: "optimizer state",
@@ -378,12 +402,6 @@ impl Trainer {
                         state.exp_avg.len()
                     ),
                 });
-            }
-            if let Some(d) = &mut self.device {
-                // Every parameter has stepped as often as the run (skipped steps step none).
-                d.opt.restore(&name, &state)?;
-                d.opt.set_steps(state.step);
-                d.host_current = false;
             }
             self.optimizer.set_state(&name, state)?;
         }
