@@ -668,3 +668,35 @@ fn device_optimizer_tp2_dp2_equals_the_single_rank_run_and_its_checkpoints_resum
         assert_losses_match(&format!("{what} resumed from device-optimizer shards"), &second.losses, &want.losses[2..]);
     }
 }
+
+/// The pipeline engine with the GPU engine's optimizer (DeviceAdamW replicated over dp, `PipelineModel::step_device`)
+/// on CPU thread ranks: pp2 and tp2·pp2 (tied embeddings: the embedding group's replicas) equal the single-rank
+/// run, and a pp2 checkpoint resumes on one rank as if uninterrupted.
+#[test]
+fn device_optimizer_pipelines_equal_the_single_rank_run_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(tmp.path(), 60, 0x0DDB_A11, 40);
+    let full = config("qwen3-tiny.json", &corpus, &tmp.path().join("full"), 4, 4, 2);
+    let want = run_training(&full, &mut NoProgress).unwrap();
+
+    let mut tp2pp2 = config("qwen3-tiny.json", &corpus, &tmp.path().join("tp2pp2"), 4, 4, 2);
+    tp2pp2.optimizer_on_device = true;
+    let got = run_distributed(
+        dims(4, ParallelConfig { tp: 2, pp: 2, ..Default::default() }),
+        &tp2pp2,
+        &mut NoProgress,
+    );
+    assert_losses_match("device-optimizer tp2·pp2", &got.losses, &want.losses);
+
+    let out = tmp.path().join("pp2-then-one");
+    let mut pp2 = config("qwen3-tiny.json", &corpus, &out, 4, 4, 2);
+    pp2.save_steps = 2;
+    pp2.optimizer_on_device = true;
+    let first = run_distributed(dims(2, ParallelConfig { pp: 2, ..Default::default() }), &pp2, &mut StopAfter(2));
+    assert_losses_match("device-optimizer pp2 steps 1–2", &first.losses, &want.losses[..2]);
+    assert_shards_partition(&out.join("checkpoint-2"), 2, "device-optimizer pp2");
+    let one = config("qwen3-tiny.json", &corpus, &out, 4, 4, 2);
+    let second = run_training(&one, &mut NoProgress).unwrap();
+    assert_eq!(second.resumed_from, Some(out.join("checkpoint-2")));
+    assert_losses_match("one rank resumed from device-optimizer pp2 shards", &second.losses, &want.losses[2..]);
+}

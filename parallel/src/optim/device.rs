@@ -32,7 +32,8 @@ use qkernels::{DType, Tensor, ops};
 
 use super::{AdamWConfig, AdamWState, OptimError, clip_coefficient, decays};
 use crate::hf::{HostTensor, TensorMap};
-use crate::model::{NamedTensors, Qwen3Model, Qwen3Params};
+use crate::model::{NamedTensors, Qwen3Model};
+use crate::zero::ParamSet;
 
 /// Errors of the device optimizer.
 #[derive(Debug, thiserror::Error)]
@@ -105,14 +106,14 @@ impl DeviceAdamW {
     /// [`new`](Self::new) over any parameter set (a whole model, or one rank's tensor-parallel shard: with data
     /// parallelism every dp rank keeps the same masters and steps them with the dp-summed gradients).
     pub fn for_params(
-        params: &Qwen3Params,
+        params: &(impl ParamSet + ?Sized),
         config: AdamWConfig,
         weight_decay: f64,
     ) -> Result<Self, DeviceOptimError> {
         config.validate()?;
         let mut slots = BTreeMap::new();
         let mut err = None;
-        params.visit(&mut |name, t| {
+        params.visit_params(&mut |name, t| {
             if err.is_some() {
                 return;
             }
@@ -248,7 +249,7 @@ impl DeviceAdamW {
     /// [`step`](Self::step).
     pub fn step_params(
         &mut self,
-        params: &mut Qwen3Params,
+        params: &mut (impl ParamSet + ?Sized),
         grads: &NamedTensors,
         lr: f64,
         clip_grad: f64,
@@ -275,7 +276,7 @@ impl DeviceAdamW {
         let shared = ops::AdamWScalars::new(b1, b2, eps, lr, 0.0, t);
         // The model's weights by name (clones share storage: on CUDA the step writes through them).
         let mut weights: BTreeMap<String, Tensor> = BTreeMap::new();
-        params.visit(&mut |name, w| {
+        params.visit_params(&mut |name, w| {
             if self.slots.contains_key(&name) {
                 weights.insert(name, w.clone());
             }
@@ -315,7 +316,7 @@ impl DeviceAdamW {
             let w = &weights[name];
             slot.weight = w.is_cuda().then(|| w.clone());
         }
-        params.visit_mut(&mut |name, w| {
+        params.visit_params_mut(&mut |name, w| {
             if let Some(n) = weights.remove(&name) {
                 *w = n;
             }

@@ -142,6 +142,8 @@ pub enum PipelineError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Zero(#[from] ZeroError),
+    #[error(transparent)]
+    DeviceOptim(#[from] crate::optim::DeviceOptimError),
     #[error("collective failed: {0}")]
     Comm(#[from] CommError),
     /// A schedule cannot be built for this shape.

@@ -6,7 +6,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use qkernels::ops::{self, RopeTable, RouterStats};
-use qkernels::{Device, Tensor};
+use qkernels::{DType, Device, Tensor};
 
 use super::partition::StageLayout;
 use super::schedule::{self, Action, next_stage, prev_stage, virtual_stage};
@@ -19,7 +19,7 @@ use crate::model::params::{NamedMismatch, fill_from_named};
 use crate::model::{
     Batch, DecoderLayer, ModelConfig, ModelError, NamedTensors, Qwen3Params, param_shapes,
 };
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, DeviceAdamW};
 use crate::tensor_parallel::mappings::{
     all_reduce_sum, enter, enter_backward, exit, exit_backward,
 };
@@ -511,6 +511,58 @@ impl PipelineModel {
         )?)
     }
 
+    /// The dtype activations and their gradients flow in: the weights' (bf16 compute on GPUs, f32 on the CPU).
+    pub fn activation_dtype(&self) -> DType {
+        self.params
+            .chunks
+            .first()
+            .and_then(|c| c.layers.first())
+            .map_or(DType::F32, |l| l.input_layernorm.dtype())
+    }
+
+    /// The device optimizer of this rank (the GPU engine): f32 masters and moments of its stage's parameters on its
+    /// device, replicated over DP ([`DeviceAdamW`]); matrices get `weight_decay`.
+    pub fn device_optimizer(&self, adam: AdamWConfig, weight_decay: f64) -> Result<DeviceAdamW> {
+        Ok(DeviceAdamW::for_params(&self.params, adam, weight_decay)?)
+    }
+
+    /// One step with the device optimizer: `grads` (this rank's, from [`forward_backward`](Self::forward_backward))
+    /// summed over DP on the device, the global norm `√(Σ counted g²)` all-reduced over TP and PP (each element
+    /// once, [`counts_in_norm`](Self::counts_in_norm)), clipping to `clip_grad` (0 = none), AdamW. Collective over
+    /// DP, TP and PP; the tied embedding's replicas already carry the same summed gradient, so they stay equal.
+    pub fn step_device(
+        &mut self,
+        opt: &mut DeviceAdamW,
+        grads: NamedTensors,
+        lr: f64,
+        clip_grad: f64,
+    ) -> Result<StepStats> {
+        let g = &self.groups;
+        let mut grads = grads
+            .into_iter()
+            .map(|(n, t)| Ok((n, if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? })))
+            .collect::<std::result::Result<NamedTensors, qkernels::KernelError>>()?;
+        crate::comm::tensor::reduce_grads(&mut grads, &*g.stage.dp).map_err(crate::tensor_parallel::TpError::from)?;
+        let counted: Vec<&Tensor> = grads
+            .iter()
+            .filter(|(n, _)| self.counts_in_norm(n))
+            .map(|(_, t)| t)
+            .collect();
+        let local = if counted.is_empty() { 0.0 } else { ops::sum_squares(&counted)? };
+        let mut total = [local as f32];
+        for c in [&*g.stage.tp, &*g.pp] {
+            if c.size() > 1 {
+                c.all_reduce(&mut total, ReduceOp::Sum)?;
+            }
+        }
+        let r = opt.step_params(&mut self.params, &grads, lr, clip_grad, (total[0] as f64).sqrt())?;
+        Ok(StepStats {
+            grad_norm: r.grad_norm,
+            clip_coef: r.clip_coef,
+            skipped: r.skipped,
+        })
+    }
+
     /// Forward and backward over this rank's micro-batches of one global batch (see
     /// [`micro_batches`](super::micro_batches); every rank of a DP replica passes the same ones), with the schedule
     /// of the layout: 1F1B, or interleaved 1F1B when `vpp > 1`. Collective over the pipeline, TP and DP groups.
@@ -997,6 +1049,9 @@ impl<'a> Executor<'a> {
             &[tl, h],
             &self.m.device,
         )?;
+        // The wire is f32; activations and their gradients flow in the weights' dtype (bf16 on GPUs).
+        let dtype = self.m.activation_dtype();
+        let x = if dtype == DType::F32 { x } else { x.to_dtype(dtype)? };
         let stats = self.m.moe_experts().map(|e| {
             let s = &buf[HEADER + tl * h..];
             RouterStats {

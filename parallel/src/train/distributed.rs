@@ -221,12 +221,11 @@ pub fn run_distributed_training(
             ),
         });
     }
-    if matches!(cfg.device, Device::Cuda(_)) && kind != EngineKind::TensorParallel {
+    if matches!(cfg.device, Device::Cuda(_)) && kind == EngineKind::ContextExpert {
         return Err(TrainError::Invalid {
             key: "parallel",
-            reason: format!(
-                "on GPUs the engine trains dp × tp (± sp) layouts; {kind:?} (pp, cp or ep) runs on CPU ranks only for now"
-            ),
+            reason: "on GPUs the engine trains dp × tp (± sp) × pp layouts; cp and ep run on CPU ranks only for now"
+                .into(),
         });
     }
     let rank = world.rank();
@@ -777,6 +776,13 @@ enum Engine {
         opt: DeviceAdamW,
         clip_grad: f64,
     },
+    /// dp × tp (± sp) × pp (× vpp) on GPUs: the pipeline's gradients dp-reduced on the device, AdamW on device masters
+    /// replicated over dp ([`PipelineModel::step_device`]).
+    PpDevice {
+        model: Box<PipelineModel>,
+        opt: DeviceAdamW,
+        clip_grad: f64,
+    },
     Pp {
         model: Box<PipelineModel>,
         opt: DistributedOptimizer,
@@ -858,10 +864,19 @@ impl Engine {
                 let groups = PipelineGroups::new(world, &dims, config)?;
                 let model = PipelineModel::from_full(config, params, dims, rank, groups)?
                     .with_gradient_checkpointing(cfg.gradient_checkpointing);
-                let opt = model.optimizer(zero, cfg.adam)?;
-                Engine::Pp {
-                    model: Box::new(model),
-                    opt,
+                if matches!(model.device(), Device::Cuda(_)) || cfg.optimizer_on_device {
+                    let opt = model.device_optimizer(cfg.adam, cfg.weight_decay)?;
+                    Engine::PpDevice {
+                        model: Box::new(model),
+                        opt,
+                        clip_grad: cfg.clip_grad,
+                    }
+                } else {
+                    let opt = model.optimizer(zero, cfg.adam)?;
+                    Engine::Pp {
+                        model: Box::new(model),
+                        opt,
+                    }
                 }
             }
             EngineKind::ContextExpert => {
@@ -891,17 +906,11 @@ impl Engine {
             }
             Engine::TpDevice { model, opt, .. } => {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
-                let mut lv = lv.to_named();
-                for (name, t) in lm.to_named() {
-                    let v = lv.remove(&name).expect("m and v have the same layout");
-                    let state = AdamWState {
-                        step: adam_step,
-                        exp_avg: t.to_vec_f32().map_err(crate::model::ModelError::from)?,
-                        exp_avg_sq: v.to_vec_f32().map_err(crate::model::ModelError::from)?,
-                    };
-                    opt.restore(&name, &state)?;
-                }
-                opt.set_steps(adam_step);
+                device_restore_moments(opt, lm.to_named(), lv.to_named(), adam_step)?;
+            }
+            Engine::PpDevice { model, opt, .. } => {
+                let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
+                device_restore_moments(opt, lm.to_named(), lv.to_named(), adam_step)?;
             }
             Engine::Pp { model, opt } => {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
@@ -976,6 +985,20 @@ impl Engine {
                     skipped: r.skipped,
                 }
             }
+            Engine::PpDevice {
+                model,
+                opt,
+                clip_grad,
+            } => {
+                let dims = *model.dims();
+                let mbs = batches
+                    .iter()
+                    .map(|b| split_batch_rows(b, dims.dp(), model.dp_rank()))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let o = model.forward_backward(&mbs)?;
+                add_loss(1.0, o.loss, o.ce_loss, o.aux_loss);
+                model.step_device(opt, o.grads, lr, *clip_grad)?
+            }
             Engine::Pp { model, opt } => {
                 let dims = *model.dims();
                 let mbs = batches
@@ -1010,7 +1033,7 @@ impl Engine {
     /// AdamW steps taken (the checkpoint's `adam_step`).
     fn adam_steps(&self) -> u64 {
         match self {
-            Engine::TpDevice { opt, .. } => opt.steps(),
+            Engine::TpDevice { opt, .. } | Engine::PpDevice { opt, .. } => opt.steps(),
             Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => opt.steps(),
         }
     }
@@ -1023,22 +1046,8 @@ impl Engine {
                 let vals = shards.read_shard(opt, map)?;
                 opt.restore_shard(&vals.master, &vals.exp_avg, &vals.exp_avg_sq, shards.adam_step())?;
             }
-            Engine::TpDevice { model, opt, .. } => {
-                let mut params = Vec::new();
-                model.params.visit(&mut |n, t| params.push((n, t.elem_count())));
-                let vals = shards.read_params(&params, map)?;
-                let mut at = 0;
-                for (name, n) in &params {
-                    let state = AdamWState {
-                        step: shards.adam_step(),
-                        exp_avg: vals.exp_avg[at..at + n].to_vec(),
-                        exp_avg_sq: vals.exp_avg_sq[at..at + n].to_vec(),
-                    };
-                    opt.restore(name, &state)?;
-                    at += n;
-                }
-                opt.set_steps(shards.adam_step());
-            }
+            Engine::TpDevice { model, opt, .. } => device_restore_shards(opt, &model.params, shards, map)?,
+            Engine::PpDevice { model, opt, .. } => device_restore_shards(opt, &model.params, shards, map)?,
         }
         Ok(())
     }
@@ -1050,27 +1059,10 @@ impl Engine {
                 optimizer_shards::write_shard(tmp, rank, opt, map, &|n| self.owns(n))?;
             }
             Engine::TpDevice { model, opt, .. } => {
-                let mut owned = Vec::new();
-                model.params.visit(&mut |n, t| {
-                    if self.owns(&n) {
-                        owned.push((n, t.elem_count()));
-                    }
-                });
-                let (masters, states) = opt.to_host_filtered(&|n| self.owns(n))?;
-                let pieces = owned
-                    .iter()
-                    .map(|(name, n)| {
-                        let st = &states[name];
-                        optimizer_shards::PieceState {
-                            name,
-                            param: 0..*n,
-                            master: masters[name].data.clone(),
-                            exp_avg: st.exp_avg.clone(),
-                            exp_avg_sq: st.exp_avg_sq.clone(),
-                        }
-                    })
-                    .collect();
-                optimizer_shards::write_pieces(tmp, rank, map, pieces)?;
+                device_write_shard(opt, &model.params, &|n| self.owns(n), tmp, rank, map)?
+            }
+            Engine::PpDevice { model, opt, .. } => {
+                device_write_shard(opt, &model.params, &|n| self.owns(n), tmp, rank, map)?
             }
         }
         Ok(())
@@ -1083,6 +1075,7 @@ impl Engine {
             Engine::Tp { model, .. } => model.counts_in_norm(name),
             // Replicated over dp: dp rank 0 writes.
             Engine::TpDevice { model, .. } => model.dp_rank() == 0 && model.counts_in_norm(name),
+            Engine::PpDevice { model, .. } => model.dp_rank() == 0 && model.counts_in_norm(name),
             Engine::Pp { model, .. } => model.counts_in_norm(name),
             Engine::CpEp { model, .. } => model.counts_in_norm(name),
         }
@@ -1111,7 +1104,7 @@ impl Engine {
                 let l = model.local_from_full(full)?;
                 values(&|f| l.visit_params(f))
             }
-            Engine::Pp { model, .. } => {
+            Engine::Pp { model, .. } | Engine::PpDevice { model, .. } => {
                 let l = model.local_from_full(full)?;
                 values(&|f| l.visit_params(f))
             }
@@ -1127,7 +1120,7 @@ impl Engine {
         use crate::zero::ParamSet;
         let r = match self {
             Engine::Tp { model, .. } | Engine::TpDevice { model, .. } => model.params.cast_params(dtype),
-            Engine::Pp { model, .. } => model.params.cast_params(dtype),
+            Engine::Pp { model, .. } | Engine::PpDevice { model, .. } => model.params.cast_params(dtype),
             Engine::CpEp { model, .. } => model.params.cast_params(dtype),
         };
         r.map_err(|e| crate::model::ModelError::from(e).into())
@@ -1143,19 +1136,9 @@ impl Engine {
                 model.gather_full(&local)?
             }
             Engine::Tp { model, .. } => model.gather_full_params()?,
-            Engine::TpDevice { model, opt, .. } => {
-                // The f32 masters, laid out like the (maybe bf16) weights.
-                let mut local = model.params.clone();
-                let mut missing = None;
-                local.visit_mut(&mut |n, t| match opt.master(&n) {
-                    Some(m) => *t = m.clone(),
-                    None => missing = Some(n),
-                });
-                if let Some(name) = missing {
-                    return Err(crate::optim::DeviceOptimError::UnknownParam { name }.into());
-                }
-                model.gather_full(&local)?
-            }
+            // The f32 masters, laid out like the (maybe bf16) weights.
+            Engine::TpDevice { model, opt, .. } => model.gather_full(&with_masters(model.params.clone(), opt)?)?,
+            Engine::PpDevice { model, opt, .. } => model.gather_full(&with_masters(model.params.clone(), opt)?)?,
             Engine::Pp { model, .. } => model.gather_full_params()?,
             Engine::CpEp { model, .. } => model.gather_full_params()?,
         })
@@ -1241,6 +1224,93 @@ impl Engine {
         };
         agree_from_root(world, committed, &phase)
     }
+}
+
+/// `local` with every parameter replaced by the device optimizer's f32 master of the same name.
+fn with_masters<P: ParamSet>(mut local: P, opt: &DeviceAdamW) -> Result<P> {
+    let mut missing = None;
+    local.visit_params_mut(&mut |n, t| match opt.master(&n) {
+        Some(m) => *t = m.clone(),
+        None => missing = Some(n),
+    });
+    match missing {
+        Some(name) => Err(crate::optim::DeviceOptimError::UnknownParam { name }.into()),
+        None => Ok(local),
+    }
+}
+
+/// Gives the device optimizer the moments `m`, `v` (laid out like its parameters) with `adam_step` steps taken.
+fn device_restore_moments(opt: &mut DeviceAdamW, m: NamedTensors, mut v: NamedTensors, adam_step: u64) -> Result<()> {
+    for (name, t) in m {
+        let vt = v.remove(&name).expect("m and v have the same layout");
+        let state = AdamWState {
+            step: adam_step,
+            exp_avg: t.to_vec_f32().map_err(crate::model::ModelError::from)?,
+            exp_avg_sq: vt.to_vec_f32().map_err(crate::model::ModelError::from)?,
+        };
+        opt.restore(&name, &state)?;
+    }
+    opt.set_steps(adam_step);
+    Ok(())
+}
+
+/// Reads the whole state of every local parameter of `params` from a sharded checkpoint into the device optimizer
+/// (its masters are already the checkpoint's weights).
+fn device_restore_shards(
+    opt: &mut DeviceAdamW,
+    params: &dyn ParamSet,
+    shards: &ShardedOptimizer,
+    map: &GlobalMap,
+) -> Result<()> {
+    let mut list = Vec::new();
+    params.visit_params(&mut |n, t| list.push((n, t.elem_count())));
+    let vals = shards.read_params(&list, map)?;
+    let mut at = 0;
+    for (name, n) in &list {
+        let state = AdamWState {
+            step: shards.adam_step(),
+            exp_avg: vals.exp_avg[at..at + n].to_vec(),
+            exp_avg_sq: vals.exp_avg_sq[at..at + n].to_vec(),
+        };
+        opt.restore(name, &state)?;
+        at += n;
+    }
+    opt.set_steps(shards.adam_step());
+    Ok(())
+}
+
+/// Writes the device optimizer's state of the local parameters this rank `owns`, each whole, as its shard of the
+/// checkpoint `tmp` (the format of [`optimizer_shards`]).
+fn device_write_shard(
+    opt: &DeviceAdamW,
+    params: &dyn ParamSet,
+    owns: &dyn Fn(&str) -> bool,
+    tmp: &std::path::Path,
+    rank: usize,
+    map: &GlobalMap,
+) -> Result<()> {
+    let mut owned = Vec::new();
+    params.visit_params(&mut |n, t| {
+        if owns(&n) {
+            owned.push((n, t.elem_count()));
+        }
+    });
+    let (masters, states) = opt.to_host_filtered(owns)?;
+    let pieces = owned
+        .iter()
+        .map(|(name, n)| {
+            let st = &states[name];
+            optimizer_shards::PieceState {
+                name,
+                param: 0..*n,
+                master: masters[name].data.clone(),
+                exp_avg: st.exp_avg.clone(),
+                exp_avg_sq: st.exp_avg_sq.clone(),
+            }
+        })
+        .collect();
+    optimizer_shards::write_pieces(tmp, rank, map, pieces)?;
+    Ok(())
 }
 
 #[cfg(test)]
