@@ -675,7 +675,7 @@ fn device_optimizer_tp2_dp2_equals_the_single_rank_run_and_its_checkpoints_resum
 #[test]
 fn device_optimizer_pipelines_equal_the_single_rank_run_and_resume() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = write_corpus(tmp.path(), 60, 0x0DDB_A11, 40);
+    let corpus = write_corpus(tmp.path(), 60, 0x00DD_BA11, 40);
     let full = config("qwen3-tiny.json", &corpus, &tmp.path().join("full"), 4, 4, 2);
     let want = run_training(&full, &mut NoProgress).unwrap();
 

@@ -165,6 +165,40 @@ pub fn reduce_scatter_rows(x: &Tensor, comm: &dyn Communicator, op: ReduceOp) ->
     from_host(out, &[r / p, c], x)
 }
 
+/// Point-to-point: `x` to rank `peer` of `comm` — its device buffer, in its dtype, through NCCL when `x` is on a
+/// GPU and `comm` has a device side (ordered with the compute stream, so `x` may be dropped at once); f32 host
+/// values otherwise. The receiver calls [`recv`] with the same shape (and dtype, on the device path).
+pub fn send(x: &Tensor, comm: &dyn Communicator, peer: usize) -> Result<()> {
+    if let Some((s, d)) = device_side(x, comm) {
+        d.send(&DeviceBuffer::from_storage(s.clone()), peer)?; // read only
+        return Ok(());
+    }
+    Ok(comm.send(&x.to_vec_f32()?, peer)?)
+}
+
+/// The conjugate of [`send`]: a `shape` tensor of `dtype` on `device` from rank `peer` of `comm` (device path when
+/// `device` is a GPU and `comm` has a device side, as the sender's).
+pub fn recv(
+    shape: &[usize],
+    dtype: qkernels::DType,
+    device: &qkernels::Device,
+    comm: &dyn Communicator,
+    peer: usize,
+) -> Result<Tensor> {
+    if let (qkernels::Device::Cuda(_), Some(d)) = (device, comm.device()) {
+        let fresh = Tensor::zeros(shape, dtype, device)?;
+        let s = fresh.cuda_storage().expect("a tensor on a CUDA device").clone();
+        drop(fresh);
+        let mut buf = DeviceBuffer::from_storage(s);
+        d.recv(&mut buf, peer)?;
+        return Ok(Tensor::from_cuda_storage(buf.into_storage()));
+    }
+    let mut v = vec![0f32; shape.iter().product()];
+    comm.recv(&mut v, peer)?;
+    let t = Tensor::from_f32(v, shape, device)?;
+    Ok(if dtype == t.dtype() { t } else { t.to_dtype(dtype)? })
+}
+
 /// The data-parallel gradient reduction: every gradient replaced by its sum over `dp` (f32 on the wire for f32
 /// gradients). Collective over `dp`; a no-op for a group of one.
 pub fn reduce_grads(grads: &mut NamedTensors, dp: &dyn Communicator) -> Result<()> {

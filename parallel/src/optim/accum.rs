@@ -30,26 +30,6 @@ pub fn zero(buf: &mut [f32]) {
     buf.fill(0.0);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accumulate_then_normalise() {
-        let mut acc = vec![0.0f32; 2];
-        accumulate(&mut acc, &[1.0, 2.0]).unwrap();
-        accumulate(&mut acc, &[3.0, -2.0]).unwrap();
-        scale(&mut acc, 0.5);
-        assert_eq!(acc, vec![2.0, 0.0]);
-        assert_eq!(
-            accumulate(&mut acc, &[1.0]),
-            Err(OptimError::BufferLength { dst: 2, src: 1 })
-        );
-        zero(&mut acc);
-        assert_eq!(acc, vec![0.0, 0.0]);
-    }
-}
-
 /// `acc[name] += factor · g` for every gradient of `grads`, in f32 on the gradients' device (a gradient of another
 /// dtype is cast first; a name seen for the first time starts its sum). The device-side counterpart of
 /// [`accumulate`] + [`scale`] for micro-batch gradients weighted `W_m / W`.
@@ -75,4 +55,24 @@ pub fn accumulate_scaled(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulate_then_normalise() {
+        let mut acc = vec![0.0f32; 2];
+        accumulate(&mut acc, &[1.0, 2.0]).unwrap();
+        accumulate(&mut acc, &[3.0, -2.0]).unwrap();
+        scale(&mut acc, 0.5);
+        assert_eq!(acc, vec![2.0, 0.0]);
+        assert_eq!(
+            accumulate(&mut acc, &[1.0]),
+            Err(OptimError::BufferLength { dst: 2, src: 1 })
+        );
+        zero(&mut acc);
+        assert_eq!(acc, vec![0.0, 0.0]);
+    }
 }

@@ -66,8 +66,10 @@
 //! forward   stage s:  Forward(m) → SendActivation(m)  ──x──▶  RecvActivation(m) → Forward(m)   :stage s+1
 //! backward  stage s:  Backward(m) ← RecvGrad(m)       ◀──dx──  SendGrad(m) ← Backward(m)       :stage s+1
 //! ```
-//! Every message is `[kind, micro-batch, receiving virtual stage] ++ tensor ++ routing statistics (MoE)` in f32;
-//! the receiver checks the header, so a schedule whose pairs do not line up fails with
+//! Every message is `[kind, micro-batch, receiving virtual stage] ++ tensor ++ routing statistics (MoE)` in f32 —
+//! on GPUs with a device-capable pipeline group the tensor is left out of that host message and follows it on its
+//! own, device to device through NCCL in the weights' dtype (`comm::tensor::send`/`recv`); the receiver checks the
+//! header, so a schedule whose pairs do not line up fails with
 //! [`PipelineError::Protocol`] instead of training on the wrong tensor. Activations and gradients use two
 //! communicators over the same pipeline group, so each direction between two ranks is a FIFO of one kind.
 //!
@@ -77,7 +79,9 @@
 //! [`TpModel`](crate::tensor_parallel::TpModel) (they are linear, so reducing the sum equals summing the
 //! reductions), the embedding-group all-reduce, and the losses broadcast from the last stage over the pipeline
 //! group (bit-exact, so every rank reports the same loss). The DP reduction is the optimizer's:
-//! [`PipelineModel::step`] runs the ZeRO-1 [`DistributedOptimizer`](crate::zero::DistributedOptimizer) over the DP
+//! [`PipelineModel::step`] runs the ZeRO-1 [`DistributedOptimizer`](crate::zero::DistributedOptimizer) (or, on GPUs,
+//! [`PipelineModel::step_device`] sums the gradients over DP on the device and steps a replicated
+//! [`DeviceAdamW`](crate::optim::DeviceAdamW)) over the DP
 //! group with the global norm summed over DP, TP and PP.
 //!
 //! # Limits

@@ -956,9 +956,17 @@ impl<'a> Executor<'a> {
         self.m.moe_experts().map_or(0, |e| 2 * e + 1)
     }
 
+    /// On GPUs with a device-capable pipeline group the activation or gradient tensor travels by itself through
+    /// NCCL in its dtype ([`crate::comm::tensor::send`]) right after a host message of header + statistics;
+    /// otherwise it rides inside the host message as f32.
+    fn tensor_on_device(&self) -> bool {
+        matches!(self.m.device, Device::Cuda(_)) && self.m.groups.pp.device().is_some()
+    }
+
     /// Length of one activation or gradient message (what [`encode`](Self::encode) writes).
     fn msg_len(&self) -> usize {
-        HEADER + self.local_tokens() * self.m.config.hidden_size + self.stats_len()
+        let x = if self.tensor_on_device() { 0 } else { self.local_tokens() * self.m.config.hidden_size };
+        HEADER + x + self.stats_len()
     }
 
     fn protocol(&self, a: Action, what: &str) -> PipelineError {
@@ -986,7 +994,8 @@ impl<'a> Executor<'a> {
                     .remove(&(mb, chunk))
                     .ok_or_else(|| self.protocol(a, "no activation to send (forward not run)"))?;
                 let msg = self.encode(KIND_ACTIVATION, mb, virtual_stage(pp, nr, nc), &f)?;
-                Ok(self.m.groups.pp.send(&msg, to)?)
+                self.m.groups.pp.send(&msg, to)?;
+                self.send_tensor(&f.x, &*self.m.groups.pp, to)
             }
             Action::RecvActivation { from, .. } => {
                 if prev_stage(pp, r, chunk).map(|x| x.0) != Some(from) {
@@ -994,7 +1003,8 @@ impl<'a> Executor<'a> {
                 }
                 let mut buf = vec![0f32; self.msg_len()];
                 self.m.groups.pp.recv(&mut buf, from)?;
-                let f = self.decode(a, &buf, KIND_ACTIVATION, mb, self.stage(chunk))?;
+                let x = self.recv_tensor(&*self.m.groups.pp, from)?;
+                let f = self.decode(a, &buf, KIND_ACTIVATION, mb, self.stage(chunk), x)?;
                 self.acts_in.insert((mb, chunk), f);
                 Ok(())
             }
@@ -1007,7 +1017,8 @@ impl<'a> Executor<'a> {
                     .remove(&(mb, chunk))
                     .ok_or_else(|| self.protocol(a, "no gradient to send (backward not run)"))?;
                 let msg = self.encode(KIND_GRAD, mb, virtual_stage(pp, pr, pc), &f)?;
-                Ok(self.m.groups.pp_grad.send(&msg, to)?)
+                self.m.groups.pp_grad.send(&msg, to)?;
+                self.send_tensor(&f.x, &*self.m.groups.pp_grad, to)
             }
             Action::RecvGrad { from, .. } => {
                 if next_stage(pp, vpp, r, chunk).map(|x| x.0) != Some(from) {
@@ -1015,17 +1026,49 @@ impl<'a> Executor<'a> {
                 }
                 let mut buf = vec![0f32; self.msg_len()];
                 self.m.groups.pp_grad.recv(&mut buf, from)?;
-                let f = self.decode(a, &buf, KIND_GRAD, mb, self.stage(chunk))?;
+                let x = self.recv_tensor(&*self.m.groups.pp_grad, from)?;
+                let f = self.decode(a, &buf, KIND_GRAD, mb, self.stage(chunk), x)?;
                 self.grads_in.insert((mb, chunk), f);
                 Ok(())
             }
         }
     }
 
-    /// `[kind, mb, receiving stage] ++ x ++ stats` (see the module docs).
+    /// The tensor half of a message on the device path ([`tensor_on_device`](Self::tensor_on_device)).
+    fn send_tensor(&self, x: &Tensor, group: &dyn Communicator, to: usize) -> Result<()> {
+        if self.tensor_on_device() {
+            // Both ends agree on the dtype: the receiver allocates the activations' dtype.
+            let dtype = self.m.activation_dtype();
+            let cast;
+            let x = if x.dtype() == dtype {
+                x
+            } else {
+                cast = x.to_dtype(dtype)?;
+                &cast
+            };
+            crate::comm::tensor::send(x, group, to).map_err(crate::tensor_parallel::TpError::from)?;
+        }
+        Ok(())
+    }
+
+    /// The conjugate of [`send_tensor`](Self::send_tensor): `[T_local, H]` in the activations' dtype.
+    fn recv_tensor(&self, group: &dyn Communicator, from: usize) -> Result<Option<Tensor>> {
+        if !self.tensor_on_device() {
+            return Ok(None);
+        }
+        let shape = [self.local_tokens(), self.m.config.hidden_size];
+        let dtype = self.m.activation_dtype();
+        let x = crate::comm::tensor::recv(&shape, dtype, &self.m.device, group, from)
+            .map_err(crate::tensor_parallel::TpError::from)?;
+        Ok(Some(x))
+    }
+
+    /// `[kind, mb, receiving stage] ++ x ++ stats` (see the module docs); without `x` on the device path.
     fn encode(&self, kind: f32, mb: usize, to_stage: usize, f: &Flow) -> Result<Vec<f32>> {
         let mut msg = vec![kind, mb as f32, to_stage as f32];
-        msg.extend(f.x.to_vec_f32()?);
+        if !self.tensor_on_device() {
+            msg.extend(f.x.to_vec_f32()?);
+        }
         if let Some(s) = &f.stats {
             msg.extend(s.assignments.iter().chain(&s.prob_sums).map(|&v| v as f32));
             msg.push(s.rows as f32);
@@ -1033,7 +1076,16 @@ impl<'a> Executor<'a> {
         Ok(msg)
     }
 
-    fn decode(&self, a: Action, buf: &[f32], kind: f32, mb: usize, stage: usize) -> Result<Flow> {
+    /// Parses a message; `x` is the tensor received beside it on the device path (`None`: it is in `buf`).
+    fn decode(
+        &self,
+        a: Action,
+        buf: &[f32],
+        kind: f32,
+        mb: usize,
+        stage: usize,
+        x: Option<Tensor>,
+    ) -> Result<Flow> {
         if buf[..HEADER] != [kind, mb as f32, stage as f32] {
             return Err(self.protocol(
                 a,
@@ -1043,17 +1095,18 @@ impl<'a> Executor<'a> {
                 ),
             ));
         }
-        let (tl, h) = (self.local_tokens(), self.m.config.hidden_size);
-        let x = Tensor::from_f32(
-            buf[HEADER..HEADER + tl * h].to_vec(),
-            &[tl, h],
-            &self.m.device,
-        )?;
-        // The wire is f32; activations and their gradients flow in the weights' dtype (bf16 on GPUs).
-        let dtype = self.m.activation_dtype();
-        let x = if dtype == DType::F32 { x } else { x.to_dtype(dtype)? };
+        let (x, stats_at) = match x {
+            Some(x) => (x, HEADER),
+            None => {
+                let (tl, h) = (self.local_tokens(), self.m.config.hidden_size);
+                let x = Tensor::from_f32(buf[HEADER..HEADER + tl * h].to_vec(), &[tl, h], &self.m.device)?;
+                // The host wire is f32; activations and their gradients flow in the weights' dtype.
+                let dtype = self.m.activation_dtype();
+                (if dtype == DType::F32 { x } else { x.to_dtype(dtype)? }, HEADER + tl * h)
+            }
+        };
         let stats = self.m.moe_experts().map(|e| {
-            let s = &buf[HEADER + tl * h..];
+            let s = &buf[stats_at..];
             RouterStats {
                 assignments: s[..e].iter().map(|&v| v as f64).collect(),
                 prob_sums: s[e..2 * e].iter().map(|&v| v as f64).collect(),
