@@ -990,22 +990,12 @@ impl Engine {
                 opt,
                 clip_grad,
             } => {
-                let dims = *model.dims();
-                let mbs = batches
-                    .iter()
-                    .map(|b| split_batch_rows(b, dims.dp(), model.dp_rank()))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                let o = model.forward_backward(&mbs)?;
+                let o = pipeline_forward_backward(model, batches)?;
                 add_loss(1.0, o.loss, o.ce_loss, o.aux_loss);
                 model.step_device(opt, o.grads, lr, *clip_grad)?
             }
             Engine::Pp { model, opt } => {
-                let dims = *model.dims();
-                let mbs = batches
-                    .iter()
-                    .map(|b| split_batch_rows(b, dims.dp(), model.dp_rank()))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                let o = model.forward_backward(&mbs)?;
+                let o = pipeline_forward_backward(model, batches)?;
                 add_loss(1.0, o.loss, o.ce_loss, o.aux_loss);
                 model.step(opt, &o.grads, lr)?
             }
@@ -1224,6 +1214,19 @@ impl Engine {
         };
         agree_from_root(world, committed, &phase)
     }
+}
+
+/// The pipeline's forward and backward over this dp rank's rows of the global micro-batches `batches`.
+fn pipeline_forward_backward(
+    model: &PipelineModel,
+    batches: &[Batch],
+) -> Result<crate::pipeline::PpStepOutput> {
+    let dims = *model.dims();
+    let mbs = batches
+        .iter()
+        .map(|b| split_batch_rows(b, dims.dp(), model.dp_rank()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(model.forward_backward(&mbs)?)
 }
 
 /// `local` with every parameter replaced by the device optimizer's f32 master of the same name.
