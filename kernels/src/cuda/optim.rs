@@ -60,24 +60,21 @@ pub fn adamw_step(
         BLOCK,
         0,
         &mut [
-            KArg::Ptr(ms.ptr()),
-            KArg::Ptr(grad.cuda()?.ptr()),
-            KArg::Ptr(exp_avg.cuda()?.ptr()),
-            KArg::Ptr(exp_avg_sq.cuda()?.ptr()),
-            KArg::Ptr(p.ptr()),
-            KArg::Ptr(m.ptr()),
-            KArg::Ptr(v.ptr()),
-            KArg::Ptr(w_ptr),
-            KArg::F32(s.decay),
-            KArg::F32(s.one_minus_beta1),
-            KArg::F32(s.beta2),
-            KArg::F32(s.one_minus_beta2),
-            KArg::F32(s.neg_step_size),
-            KArg::F32(s.bias2_sqrt),
-            KArg::F32(s.eps),
-            KArg::F32(grad_scale),
-            KArg::I64(n as i64),
-        ],
+            &[
+                KArg::Ptr(ms.ptr()),
+                KArg::Ptr(grad.cuda()?.ptr()),
+                KArg::Ptr(exp_avg.cuda()?.ptr()),
+                KArg::Ptr(exp_avg_sq.cuda()?.ptr()),
+                KArg::Ptr(p.ptr()),
+                KArg::Ptr(m.ptr()),
+                KArg::Ptr(v.ptr()),
+                KArg::Ptr(w_ptr),
+                KArg::F32(s.decay),
+            ][..],
+            &step_args(s, grad_scale),
+            &[KArg::I64(n as i64)],
+        ]
+        .concat(),
     )?;
     let master = Tensor::from_cuda(p);
     let weight = match w {
@@ -151,18 +148,28 @@ pub fn adamw_step_multi(params: &mut [AdamWParam<'_>], s: &AdamWScalars, grad_sc
         BLOCK,
         0,
         &mut [
-            KArg::Ptr(table.ptr()),
-            KArg::Ptr(table.ptr() + desc_bytes),
-            KArg::I64(CHUNK as i64),
-            KArg::F32(s.one_minus_beta1),
-            KArg::F32(s.beta2),
-            KArg::F32(s.one_minus_beta2),
-            KArg::F32(s.neg_step_size),
-            KArg::F32(s.bias2_sqrt),
-            KArg::F32(s.eps),
-            KArg::F32(grad_scale),
-        ],
+            &[
+                KArg::Ptr(table.ptr()),
+                KArg::Ptr(table.ptr() + desc_bytes),
+                KArg::I64(CHUNK as i64),
+            ][..],
+            &step_args(s, grad_scale),
+        ]
+        .concat(),
     )
+}
+
+/// The step scalars both AdamW kernels take after their per-tensor arguments, in kernel order.
+fn step_args(s: &AdamWScalars, grad_scale: f32) -> [KArg; 7] {
+    [
+        KArg::F32(s.one_minus_beta1),
+        KArg::F32(s.beta2),
+        KArg::F32(s.one_minus_beta2),
+        KArg::F32(s.neg_step_size),
+        KArg::F32(s.bias2_sqrt),
+        KArg::F32(s.eps),
+        KArg::F32(grad_scale),
+    ]
 }
 
 /// See [`crate::ops::adamw::sum_squares`]; `ts` is non-empty and on one CUDA device.

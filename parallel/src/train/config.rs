@@ -140,6 +140,17 @@ impl TrainConfig {
         }
     }
 
+    /// The learning-rate schedule of the run (decay over `lr_decay_iters`, default `train_iters`).
+    pub fn lr_schedule(&self) -> Result<crate::optim::LrSchedule, crate::optim::OptimError> {
+        crate::optim::LrSchedule::new(
+            self.lr,
+            self.min_lr,
+            self.warmup,
+            self.lr_decay_iters.unwrap_or(self.train_iters),
+            self.lr_decay_style,
+        )
+    }
+
     /// Sequences per optimizer step of a one-process run.
     pub fn global_batch_size(&self) -> usize {
         self.micro_batch_size * self.grad_accum

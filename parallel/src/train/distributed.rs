@@ -96,7 +96,7 @@ use crate::data::{self, DataCursor, DataLoader, Dataset, TrainDataOptions};
 use crate::dims::ParallelDims;
 use crate::hf::{self, TensorMap};
 use crate::model::{Batch, ModelConfig, NamedTensors, Qwen3Model, Qwen3Params, param_shapes};
-use crate::optim::{AdamWState, DeviceAdamW, LrSchedule};
+use crate::optim::{AdamWState, DeviceAdamW};
 use crate::pipeline::{PipelineGroups, PipelineModel};
 use crate::tensor_parallel::{ParallelGroups, TpModel, split_batch_rows};
 use crate::zero::{DistributedOptimizer, ParamSet, ZeroConfig};
@@ -296,13 +296,7 @@ pub fn run_distributed_training(
     let (mut loader, sequences, map) =
         agree(world, setup, "setting up its model, optimizer and data")?;
 
-    let schedule = LrSchedule::new(
-        cfg.lr,
-        cfg.min_lr,
-        cfg.warmup,
-        cfg.lr_decay_iters.unwrap_or(cfg.train_iters),
-        cfg.lr_decay_style,
-    )?;
+    let schedule = cfg.lr_schedule()?;
     let mut iteration = state.as_ref().map_or(0, |s| s.step);
     let mut skipped_steps = state.as_ref().map_or(0, |s| s.skipped_steps);
     let mut total_tokens = state.as_ref().map_or(0, |s| s.total_tokens);

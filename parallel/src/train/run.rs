@@ -30,7 +30,6 @@ use crate::data::{self, DataCursor, DataLoader, Dataset, TrainDataOptions};
 use crate::hf;
 use crate::lora::{self, LoraAdapters, LoraConfig};
 use crate::model::{ModelConfig, Qwen3Model};
-use crate::optim::LrSchedule;
 
 /// The metrics file in the output directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -191,13 +190,7 @@ pub fn run_training(cfg: &TrainConfig, observer: &mut dyn TrainObserver) -> Resu
     let sequences = dataset.len();
 
     // Trainer, restored from the checkpoint when resuming.
-    let schedule = LrSchedule::new(
-        cfg.lr,
-        cfg.min_lr,
-        cfg.warmup,
-        cfg.lr_decay_iters.unwrap_or(cfg.train_iters),
-        cfg.lr_decay_style,
-    )?;
+    let schedule = cfg.lr_schedule()?;
     let opts = OptimizerOptions {
         schedule,
         adam: cfg.adam,

@@ -138,6 +138,11 @@ impl AdapterSet {
         self.adapters.is_empty()
     }
 
+    /// How many adapters are served (ids are `0..len`).
+    pub fn len(&self) -> usize {
+        self.adapters.len()
+    }
+
     /// The id of the adapter served as `name`.
     pub fn id(&self, name: &str) -> Option<AdapterId> {
         self.adapters.iter().position(|a| a.name == name)

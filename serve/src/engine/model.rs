@@ -477,7 +477,7 @@ impl InferenceModel {
                 )));
             }
             if let Some(id) = c.adapter
-                && self.adapters.list().nth(id).is_none()
+                && id >= self.adapters.len()
             {
                 return Err(EngineError::InvalidRequest(format!("no adapter with id {id}")));
             }

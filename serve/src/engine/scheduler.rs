@@ -308,7 +308,7 @@ impl EngineCore {
     pub fn add(&mut self, req: Request) -> Result<(), EngineError> {
         self.limits.check(&req.prompt, &req.params)?;
         if let Some(id) = req.adapter
-            && self.model.adapters().list().nth(id).is_none()
+            && id >= self.model.adapters().len()
         {
             return Err(EngineError::InvalidRequest(format!("no LoRA adapter with id {id}")));
         }
