@@ -13,7 +13,8 @@
 //! (`lr`), `min_lr`, `lr_warmup_iters` (`warmup_steps`) or `warmup_ratio` (`lr_warmup_fraction`),
 //! `lr_decay_style` (`constant` | `linear` | `cosine`), `lr_decay_iters`, `weight_decay`, `adam_beta1`,
 //! `adam_beta2`, `adam_eps` (`adam_epsilon`), `clip_grad` (`max_grad_norm`), `train_iters` (`max_steps`),
-//! `save_steps`, `logging_steps`, `seed`, `gradient_checkpointing`, `resume` (`auto` | `none` | a path).
+//! `save_steps`, `logging_steps`, `seed`, `gradient_checkpointing`, `use_distributed_optimizer` (shard the GPU
+//! optimizer's state over dp, ZeRO-1; CPU ranks always shard), `resume` (`auto` | `none` | a path).
 //! [`JobSpec::training`] returns them resolved, with defaults and the derived gradient-accumulation count
 //! `global_batch_size / (micro_batch_size × dp)`. Other kinds refuse training keys. The fine-tuning keys
 //! (`train_type`, `lora_*`, `target_modules`, and for `kind: sft` `loss_scale`, `packing`, `strict`,
@@ -250,6 +251,10 @@ pub struct JobSpec {
     /// Recompute each layer's activations in backward instead of keeping them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
+    /// Shard the GPU optimizer's f32 masters and moments over data parallelism (ZeRO-1, Megatron's
+    /// `--use-distributed-optimizer`) instead of replicating them on every dp rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_distributed_optimizer: Option<bool>,
     /// Compute precision: `auto` (bf16 on GPUs, f32 on CPUs), `bfloat16` or `float32`.
     #[serde(default, skip_serializing_if = "Option::is_none", alias = "dtype")]
     pub torch_dtype: Option<TorchDtype>,
@@ -422,6 +427,8 @@ pub struct TrainingSettings {
     pub logging_steps: u64,
     pub seed: u64,
     pub gradient_checkpointing: bool,
+    /// ZeRO-1 for the GPU optimizer (default false: replicated over dp).
+    pub use_distributed_optimizer: bool,
     pub torch_dtype: TorchDtype,
     pub resume: Resume,
     /// SFT data settings (`kind: sft`), `None` for pretraining.
@@ -601,6 +608,7 @@ impl JobSpec {
             ("logging_steps", self.logging_steps.is_some()),
             ("seed", self.seed.is_some()),
             ("gradient_checkpointing", self.gradient_checkpointing.is_some()),
+            ("use_distributed_optimizer", self.use_distributed_optimizer.is_some()),
             ("torch_dtype", self.torch_dtype.is_some()),
             ("resume", self.resume.is_some()),
             ("train_type", self.train_type.is_some()),
@@ -780,6 +788,7 @@ impl JobSpec {
             logging_steps,
             seed: self.seed.unwrap_or(d::SEED),
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
+            use_distributed_optimizer: self.use_distributed_optimizer.unwrap_or(false),
             torch_dtype: self.torch_dtype.unwrap_or_default(),
             resume: self.resume.clone().unwrap_or(Resume::Auto),
             sft,
@@ -1060,7 +1069,7 @@ dataset: [d.jsonl, /abs/e.jsonl]\noutput_dir: out\nresume: ckpt/checkpoint-4\ntr
 dataset: [a.jsonl, b.jsonl]\noutput_dir: out\nseq_length: 64\nper_device_train_batch_size: 2\nglobal_batch_size: 12\n\
 lr: 3.0e-4\nmin_lr: 3.0e-5\nwarmup_ratio: 0.1\nlr_decay_style: linear\nweight_decay: 0.01\nadam_beta1: 0.8\n\
 adam_beta2: 0.99\nadam_epsilon: 1.0e-6\nmax_grad_norm: 0.5\nmax_steps: 100\nsave_steps: 25\nlogging_steps: 1\n\
-seed: 7\ngradient_checkpointing: true\nresume: out/checkpoint-25\n";
+seed: 7\ngradient_checkpointing: true\nuse_distributed_optimizer: true\nresume: out/checkpoint-25\n";
         let s = JobSpec::parse(y, "pt.yaml").unwrap();
         let t = s.training().unwrap();
         assert_eq!(t.model, ModelSource::Random { config: "cfg/tiny.json".into(), dir: None });
@@ -1073,7 +1082,7 @@ seed: 7\ngradient_checkpointing: true\nresume: out/checkpoint-25\n";
             (LrDecayStyle::Linear, 0.01, 0.8, 0.99)
         );
         assert_eq!((t.adam_eps, t.clip_grad, t.train_iters, t.save_steps, t.logging_steps), (1e-6, 0.5, 100, 25, 1));
-        assert_eq!((t.seed, t.gradient_checkpointing), (7, true));
+        assert_eq!((t.seed, t.gradient_checkpointing, t.use_distributed_optimizer), (7, true, true));
         assert_eq!(t.resume, Resume::Path("out/checkpoint-25".into()));
         assert_eq!(JobSpec::parse(&s.to_yaml(), "x").unwrap(), s);
         let s = JobSpec::parse(&format!("{PRETRAIN}resume: none\ninit: random\n"), "p").unwrap();

@@ -700,3 +700,39 @@ fn device_optimizer_pipelines_equal_the_single_rank_run_and_resume() {
     assert_eq!(second.resumed_from, Some(out.join("checkpoint-2")));
     assert_losses_match("one rank resumed from device-optimizer pp2 shards", &second.losses, &want.losses[2..]);
 }
+
+/// The GPU engines' ZeRO-1 (`distributed_optimizer`: `DeviceDistributedOptimizer`, masters and moments sharded over
+/// dp, gradients reduce-scattered and weights all-gathered as tensors) on CPU thread ranks: tp2·dp2 and pp2·dp2
+/// equal the single-rank run; a sharded checkpoint resumes under the replicated device optimizer and the other
+/// way round, as if uninterrupted.
+#[test]
+fn device_distributed_optimizer_equals_the_single_rank_run_and_resumes_across_optimizers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(tmp.path(), 60, 0x2E80_0001, 40);
+    let full = config("qwen3-tiny.json", &corpus, &tmp.path().join("full"), 4, 4, 2);
+    let want = run_training(&full, &mut NoProgress).unwrap();
+    let tp2dp2 = dims(4, ParallelConfig { tp: 2, ..Default::default() });
+
+    for (first_sharded, what) in [(true, "sharded then replicated"), (false, "replicated then sharded")] {
+        let out = tmp.path().join(what.replace(' ', "-"));
+        let mut first_cfg = config("qwen3-tiny.json", &corpus, &out, 4, 2, 2);
+        first_cfg.save_steps = 2;
+        first_cfg.optimizer_on_device = true;
+        first_cfg.distributed_optimizer = first_sharded;
+        let first = run_distributed(tp2dp2, &first_cfg, &mut StopAfter(2));
+        assert_losses_match(&format!("{what}: tp2·dp2 steps 1–2"), &first.losses, &want.losses[..2]);
+        assert_shards_partition(&out.join("checkpoint-2"), 4, what);
+        let mut next = config("qwen3-tiny.json", &corpus, &out, 4, 2, 2);
+        next.optimizer_on_device = true;
+        next.distributed_optimizer = !first_sharded;
+        let second = run_distributed(tp2dp2, &next, &mut NoProgress);
+        assert_eq!(second.resumed_from, Some(out.join("checkpoint-2")));
+        assert_losses_match(&format!("{what}: tp2·dp2 resumed"), &second.losses, &want.losses[2..]);
+    }
+
+    let mut pp2dp2 = config("qwen3-tiny.json", &corpus, &tmp.path().join("pp2dp2"), 4, 2, 2);
+    pp2dp2.optimizer_on_device = true;
+    pp2dp2.distributed_optimizer = true;
+    let got = run_distributed(dims(4, ParallelConfig { pp: 2, ..Default::default() }), &pp2dp2, &mut NoProgress);
+    assert_losses_match("sharded device optimizer pp2·dp2", &got.losses, &want.losses);
+}

@@ -84,6 +84,7 @@ pub fn train_config(spec: &JobSpec) -> anyhow::Result<TrainConfig> {
     c.logging_steps = t.logging_steps;
     c.seed = t.seed;
     c.gradient_checkpointing = t.gradient_checkpointing;
+    c.distributed_optimizer = t.use_distributed_optimizer;
     c.resume = match &t.resume {
         SpecResume::Auto => Resume::Auto,
         SpecResume::None => Resume::None,

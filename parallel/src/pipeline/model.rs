@@ -27,7 +27,7 @@ use crate::tensor_parallel::{
     LayerSaved, ParallelGroups, Replication, TpPlan, layer_backward, layer_forward_saved,
     reduce_layer_grads, replication_of, shard_with_plan, unshard, vocab,
 };
-use crate::zero::{DistributedOptimizer, StepStats, ZeroConfig};
+use crate::zero::{DeviceDistributedOptimizer, DistributedOptimizer, StepStats, ZeroConfig};
 
 const EMBED: &str = "model.embed_tokens.weight";
 const NORM: &str = "model.norm.weight";
@@ -509,6 +509,36 @@ impl PipelineModel {
             &*g.stage.dp,
             &[&*g.stage.tp, &*g.pp],
         )?)
+    }
+
+    /// The ZeRO-1 optimizer of this rank on its device (the GPU engine with `use_distributed_optimizer`): its DP
+    /// group holds the shards of the stage's masters and moments, the norm counts each element once.
+    pub fn sharded_device_optimizer(
+        &self,
+        config: ZeroConfig,
+        adam: AdamWConfig,
+    ) -> Result<DeviceDistributedOptimizer> {
+        let dp = &*self.groups.stage.dp;
+        Ok(DeviceDistributedOptimizer::for_params(
+            config,
+            adam,
+            &self.params,
+            dp.size(),
+            dp.rank(),
+            &|n| self.counts_in_norm(n),
+        )?)
+    }
+
+    /// [`step`](Self::step) with the device ZeRO-1 optimizer: `grads` (consumed) reduce-scattered over DP on the
+    /// device, norm over DP, TP and PP, AdamW on the shard, all-gather. Collective over DP, TP and PP.
+    pub fn step_device_sharded(
+        &mut self,
+        opt: &mut DeviceDistributedOptimizer,
+        grads: NamedTensors,
+        lr: f64,
+    ) -> Result<StepStats> {
+        let g = &self.groups;
+        Ok(opt.step_with(&mut self.params, grads, lr, &*g.stage.dp, &[&*g.stage.tp, &*g.pp])?)
     }
 
     /// The dtype activations and their gradients flow in: the weights' (bf16 compute on GPUs, f32 on the CPU).

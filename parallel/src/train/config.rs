@@ -86,6 +86,10 @@ pub struct TrainConfig {
     /// instead of ZeRO-1 host shards) even on the CPU backend — what GPU runs always do. Same maths and the same
     /// checkpoint format; for tests and comparisons.
     pub optimizer_on_device: bool,
+    /// Shard the device optimizer's masters and moments over dp (ZeRO-1, Megatron's
+    /// `--use-distributed-optimizer`: [`crate::zero::DeviceDistributedOptimizer`]) instead of replicating them
+    /// ([`crate::optim::DeviceAdamW`]). Host optimizers (CPU ranks) are always sharded.
+    pub distributed_optimizer: bool,
 }
 
 impl TrainConfig {
@@ -126,6 +130,7 @@ impl TrainConfig {
             device: Device::Cpu,
             compute_dtype: DType::F32,
             optimizer_on_device: false,
+            distributed_optimizer: false,
         }
     }
 

@@ -96,7 +96,7 @@ use crate::data::{self, DataCursor, DataLoader, Dataset, TrainDataOptions};
 use crate::dims::ParallelDims;
 use crate::hf::{self, TensorMap};
 use crate::model::{Batch, ModelConfig, NamedTensors, Qwen3Model, Qwen3Params, param_shapes};
-use crate::optim::{AdamWState, DeviceAdamW};
+use super::device_optimizer::DeviceOptimizer;
 use crate::pipeline::{PipelineGroups, PipelineModel};
 use crate::tensor_parallel::{ParallelGroups, TpModel, split_batch_rows};
 use crate::zero::{DistributedOptimizer, ParamSet, ZeroConfig};
@@ -763,19 +763,16 @@ enum Engine {
         model: Box<TpModel>,
         opt: DistributedOptimizer,
     },
-    /// dp × tp (± sp) on GPUs: gradients summed and dp-reduced on the device (NCCL), AdamW on f32 masters kept on
-    /// the device, replicated over dp ([`DeviceAdamW`]); `clip_grad` 0 = no clipping.
+    /// dp × tp (± sp) on GPUs: gradients summed on the device, AdamW on f32 masters kept on the device, replicated
+    /// over dp or sharded (ZeRO-1) — [`DeviceOptimizer`]; collectives through NCCL.
     TpDevice {
         model: Box<TpModel>,
-        opt: DeviceAdamW,
-        clip_grad: f64,
+        opt: DeviceOptimizer,
     },
-    /// dp × tp (± sp) × pp (× vpp) on GPUs: the pipeline's gradients dp-reduced on the device, AdamW on device masters
-    /// replicated over dp ([`PipelineModel::step_device`]).
+    /// dp × tp (± sp) × pp (× vpp) on GPUs: the pipeline's gradients stepped by a [`DeviceOptimizer`].
     PpDevice {
         model: Box<PipelineModel>,
-        opt: DeviceAdamW,
-        clip_grad: f64,
+        opt: DeviceOptimizer,
     },
     Pp {
         model: Box<PipelineModel>,
@@ -840,11 +837,10 @@ impl Engine {
                 let model = TpModel::from_full(config, params, dims, rank, groups)?
                     .with_gradient_checkpointing(cfg.gradient_checkpointing);
                 if matches!(model.device(), Device::Cuda(_)) || cfg.optimizer_on_device {
-                    let opt = DeviceAdamW::for_params(&model.params, cfg.adam, cfg.weight_decay)?;
+                    let opt = DeviceOptimizer::for_tp(&model, zero, cfg.adam, cfg.distributed_optimizer)?;
                     Engine::TpDevice {
                         model: Box::new(model),
                         opt,
-                        clip_grad: cfg.clip_grad,
                     }
                 } else {
                     let opt = DistributedOptimizer::new(zero, cfg.adam, &model)?;
@@ -859,11 +855,10 @@ impl Engine {
                 let model = PipelineModel::from_full(config, params, dims, rank, groups)?
                     .with_gradient_checkpointing(cfg.gradient_checkpointing);
                 if matches!(model.device(), Device::Cuda(_)) || cfg.optimizer_on_device {
-                    let opt = model.device_optimizer(cfg.adam, cfg.weight_decay)?;
+                    let opt = DeviceOptimizer::for_pipeline(&model, zero, cfg.adam, cfg.distributed_optimizer)?;
                     Engine::PpDevice {
                         model: Box::new(model),
                         opt,
-                        clip_grad: cfg.clip_grad,
                     }
                 } else {
                     let opt = model.optimizer(zero, cfg.adam)?;
@@ -898,13 +893,13 @@ impl Engine {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
                 opt.restore_moments(&lm.to_named(), &lv.to_named(), adam_step)?;
             }
-            Engine::TpDevice { model, opt, .. } => {
+            Engine::TpDevice { model, opt } => {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
-                device_restore_moments(opt, lm.to_named(), lv.to_named(), adam_step)?;
+                opt.restore_moments(lm.to_named(), lv.to_named(), adam_step)?;
             }
-            Engine::PpDevice { model, opt, .. } => {
+            Engine::PpDevice { model, opt } => {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
-                device_restore_moments(opt, lm.to_named(), lv.to_named(), adam_step)?;
+                opt.restore_moments(lm.to_named(), lv.to_named(), adam_step)?;
             }
             Engine::Pp { model, opt } => {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
@@ -952,11 +947,7 @@ impl Engine {
                 let grads = sum.finish(&model.device())?;
                 opt.step(model, &grads, lr)?
             }
-            Engine::TpDevice {
-                model,
-                opt,
-                clip_grad,
-            } => {
+            Engine::TpDevice { model, opt } => {
                 let dims = *model.dims();
                 let mut grads = NamedTensors::new();
                 for (b, &w) in batches.iter().zip(weights) {
@@ -970,23 +961,12 @@ impl Engine {
                     crate::optim::accumulate_scaled(&mut grads, o.grads, frac as f32)
                         .map_err(crate::model::ModelError::from)?;
                 }
-                model.reduce_dp_grads(&mut grads)?;
-                let norm = model.grad_norm(&grads)?;
-                let r = opt.step_params(&mut model.params, &grads, lr, *clip_grad, norm)?;
-                crate::zero::StepStats {
-                    grad_norm: r.grad_norm,
-                    clip_coef: r.clip_coef,
-                    skipped: r.skipped,
-                }
+                opt.step_tp(model, grads, lr)?
             }
-            Engine::PpDevice {
-                model,
-                opt,
-                clip_grad,
-            } => {
+            Engine::PpDevice { model, opt } => {
                 let o = pipeline_forward_backward(model, batches)?;
                 add_loss(1.0, o.loss, o.ce_loss, o.aux_loss);
-                model.step_device(opt, o.grads, lr, *clip_grad)?
+                opt.step_pipeline(model, o.grads, lr)?
             }
             Engine::Pp { model, opt } => {
                 let o = pipeline_forward_backward(model, batches)?;
@@ -1030,8 +1010,8 @@ impl Engine {
                 let vals = shards.read_shard(opt, map)?;
                 opt.restore_shard(&vals.master, &vals.exp_avg, &vals.exp_avg_sq, shards.adam_step())?;
             }
-            Engine::TpDevice { model, opt, .. } => device_restore_shards(opt, &model.params, shards, map)?,
-            Engine::PpDevice { model, opt, .. } => device_restore_shards(opt, &model.params, shards, map)?,
+            Engine::TpDevice { model, opt } => opt.restore_shards(&model.params, shards, map)?,
+            Engine::PpDevice { model, opt } => opt.restore_shards(&model.params, shards, map)?,
         }
         Ok(())
     }
@@ -1042,12 +1022,8 @@ impl Engine {
             Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => {
                 optimizer_shards::write_shard(tmp, rank, opt, map, &|n| self.owns(n))?;
             }
-            Engine::TpDevice { model, opt, .. } => {
-                device_write_shard(opt, &model.params, &|n| self.owns(n), tmp, rank, map)?
-            }
-            Engine::PpDevice { model, opt, .. } => {
-                device_write_shard(opt, &model.params, &|n| self.owns(n), tmp, rank, map)?
-            }
+            Engine::TpDevice { model, opt } => opt.write_shard(&model.params, &|n| self.owns(n), tmp, rank, map)?,
+            Engine::PpDevice { model, opt } => opt.write_shard(&model.params, &|n| self.owns(n), tmp, rank, map)?,
         }
         Ok(())
     }
@@ -1057,9 +1033,8 @@ impl Engine {
     fn owns(&self, name: &str) -> bool {
         match self {
             Engine::Tp { model, .. } => model.counts_in_norm(name),
-            // Replicated over dp: dp rank 0 writes.
-            Engine::TpDevice { model, .. } => model.dp_rank() == 0 && model.counts_in_norm(name),
-            Engine::PpDevice { model, .. } => model.dp_rank() == 0 && model.counts_in_norm(name),
+            Engine::TpDevice { model, opt } => opt.writes(model.counts_in_norm(name), model.dp_rank()),
+            Engine::PpDevice { model, opt } => opt.writes(model.counts_in_norm(name), model.dp_rank()),
             Engine::Pp { model, .. } => model.counts_in_norm(name),
             Engine::CpEp { model, .. } => model.counts_in_norm(name),
         }
@@ -1121,8 +1096,12 @@ impl Engine {
             }
             Engine::Tp { model, .. } => model.gather_full_params()?,
             // The f32 masters, laid out like the (maybe bf16) weights.
-            Engine::TpDevice { model, opt, .. } => model.gather_full(&with_masters(model.params.clone(), opt)?)?,
-            Engine::PpDevice { model, opt, .. } => model.gather_full(&with_masters(model.params.clone(), opt)?)?,
+            Engine::TpDevice { model, opt } => {
+                model.gather_full(&opt.with_masters(model.params.clone(), &*model.groups().dp)?)?
+            }
+            Engine::PpDevice { model, opt } => {
+                model.gather_full(&opt.with_masters(model.params.clone(), &*model.groups().stage.dp)?)?
+            }
             Engine::Pp { model, .. } => model.gather_full_params()?,
             Engine::CpEp { model, .. } => model.gather_full_params()?,
         })
@@ -1221,93 +1200,6 @@ fn pipeline_forward_backward(
         .map(|b| split_batch_rows(b, dims.dp(), model.dp_rank()))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(model.forward_backward(&mbs)?)
-}
-
-/// `local` with every parameter replaced by the device optimizer's f32 master of the same name.
-fn with_masters<P: ParamSet>(mut local: P, opt: &DeviceAdamW) -> Result<P> {
-    let mut missing = None;
-    local.visit_params_mut(&mut |n, t| match opt.master(&n) {
-        Some(m) => *t = m.clone(),
-        None => missing = Some(n),
-    });
-    match missing {
-        Some(name) => Err(crate::optim::DeviceOptimError::UnknownParam { name }.into()),
-        None => Ok(local),
-    }
-}
-
-/// Gives the device optimizer the moments `m`, `v` (laid out like its parameters) with `adam_step` steps taken.
-fn device_restore_moments(opt: &mut DeviceAdamW, m: NamedTensors, mut v: NamedTensors, adam_step: u64) -> Result<()> {
-    for (name, t) in m {
-        let vt = v.remove(&name).expect("m and v have the same layout");
-        let state = AdamWState {
-            step: adam_step,
-            exp_avg: t.to_vec_f32().map_err(crate::model::ModelError::from)?,
-            exp_avg_sq: vt.to_vec_f32().map_err(crate::model::ModelError::from)?,
-        };
-        opt.restore(&name, &state)?;
-    }
-    opt.set_steps(adam_step);
-    Ok(())
-}
-
-/// Reads the whole state of every local parameter of `params` from a sharded checkpoint into the device optimizer
-/// (its masters are already the checkpoint's weights).
-fn device_restore_shards(
-    opt: &mut DeviceAdamW,
-    params: &dyn ParamSet,
-    shards: &ShardedOptimizer,
-    map: &GlobalMap,
-) -> Result<()> {
-    let mut list = Vec::new();
-    params.visit_params(&mut |n, t| list.push((n, t.elem_count())));
-    let vals = shards.read_params(&list, map)?;
-    let mut at = 0;
-    for (name, n) in &list {
-        let state = AdamWState {
-            step: shards.adam_step(),
-            exp_avg: vals.exp_avg[at..at + n].to_vec(),
-            exp_avg_sq: vals.exp_avg_sq[at..at + n].to_vec(),
-        };
-        opt.restore(name, &state)?;
-        at += n;
-    }
-    opt.set_steps(shards.adam_step());
-    Ok(())
-}
-
-/// Writes the device optimizer's state of the local parameters this rank `owns`, each whole, as its shard of the
-/// checkpoint `tmp` (the format of [`optimizer_shards`]).
-fn device_write_shard(
-    opt: &DeviceAdamW,
-    params: &dyn ParamSet,
-    owns: &dyn Fn(&str) -> bool,
-    tmp: &std::path::Path,
-    rank: usize,
-    map: &GlobalMap,
-) -> Result<()> {
-    let mut owned = Vec::new();
-    params.visit_params(&mut |n, t| {
-        if owns(&n) {
-            owned.push((n, t.elem_count()));
-        }
-    });
-    let (masters, states) = opt.to_host_filtered(owns)?;
-    let pieces = owned
-        .iter()
-        .map(|(name, n)| {
-            let st = &states[name];
-            optimizer_shards::PieceState {
-                name,
-                param: 0..*n,
-                master: masters[name].data.clone(),
-                exp_avg: st.exp_avg.clone(),
-                exp_avg_sq: st.exp_avg_sq.clone(),
-            }
-        })
-        .collect();
-    optimizer_shards::write_pieces(tmp, rank, map, pieces)?;
-    Ok(())
 }
 
 #[cfg(test)]

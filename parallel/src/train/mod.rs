@@ -36,6 +36,7 @@
 
 pub mod checkpoint;
 mod config;
+mod device_optimizer;
 pub mod distributed;
 pub mod optimizer_shards;
 mod run;

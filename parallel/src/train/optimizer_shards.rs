@@ -48,7 +48,7 @@ use super::{Result, TrainError, io_err};
 use crate::hf::{self, HostTensor, TensorMap};
 use crate::model::{ModelConfig, Qwen3Params};
 use crate::optim::AdamWState;
-use crate::zero::DistributedOptimizer;
+use crate::zero::{DistributedOptimizer, ShardPiece};
 
 /// The optimizer directory inside a checkpoint.
 pub const OPTIMIZER_DIR: &str = "optimizer";
@@ -556,9 +556,14 @@ impl ShardedOptimizer {
     /// Reads the state of `opt`'s ZeRO shard (every piece, owned or replicated) through `map`, in the layout of
     /// [`DistributedOptimizer::master_shard`].
     pub fn read_shard(&self, opt: &DistributedOptimizer, map: &GlobalMap) -> Result<StateValues> {
-        let (shard, _) = opt.shard_range();
+        self.read_pieces(opt.shard_range().0.len(), &opt.shard_pieces(), map)
+    }
+
+    /// Reads the state of a ZeRO shard of `shard_len` values made of `pieces` (host or device optimizer)
+    /// through `map`, laid out like the shard.
+    pub fn read_pieces(&self, shard_len: usize, pieces: &[ShardPiece<'_>], map: &GlobalMap) -> Result<StateValues> {
         let mut wants = Vec::new();
-        for piece in opt.shard_pieces() {
+        for piece in pieces {
             for r in map.runs_in(piece.name, piece.param.clone())? {
                 wants.push((
                     map.params[r.param].0.as_str(),
@@ -567,7 +572,7 @@ impl ShardedOptimizer {
                 ));
             }
         }
-        self.read(shard.len(), &wants)
+        self.read(shard_len, &wants)
     }
 }
 

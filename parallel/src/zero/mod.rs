@@ -29,15 +29,19 @@
 //! `3·N'/d` — the ZeRO-1 saving. On the CPU backend params are already fp32, so the master copy equals them; with
 //! bf16 device params the master stays fp32 and the all-gather moves the cast values.
 
+mod device;
+mod layout;
+
 use std::ops::Range;
 
 use thiserror::Error;
 
-use crate::comm::{CommError, Communicator, ReduceOp, chunk_range};
+pub use device::DeviceDistributedOptimizer;
+use layout::{FlatLayout, global_norm};
+
+use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::model::{NamedTensors, Qwen3Params};
-use crate::optim::{
-    AdamW, AdamWConfig, AdamWState, OptimError, ParamSlot, clip_coefficient, decays,
-};
+use crate::optim::{AdamW, AdamWConfig, AdamWState, OptimError, ParamSlot, clip_coefficient};
 use crate::tensor_parallel::{TpError, TpModel};
 
 /// Errors of the distributed optimizer.
@@ -63,6 +67,12 @@ pub enum ZeroError {
 
 impl From<qkernels::KernelError> for ZeroError {
     fn from(e: qkernels::KernelError) -> Self {
+        ZeroError::Tp(TpError::from(e))
+    }
+}
+
+impl From<crate::comm::TensorCommError> for ZeroError {
+    fn from(e: crate::comm::TensorCommError) -> Self {
         ZeroError::Tp(TpError::from(e))
     }
 }
@@ -134,17 +144,6 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
-/// One parameter's place in the flat buffer.
-#[derive(Debug, Clone)]
-struct Segment {
-    name: String,
-    shape: Vec<usize>,
-    /// Range in the flat buffer.
-    range: Range<usize>,
-    weight_decay: f64,
-    counts_in_norm: bool,
-}
-
 /// One parameter piece of a rank's shard ([`DistributedOptimizer::shard_pieces`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardPiece<'a> {
@@ -160,13 +159,7 @@ pub struct ShardPiece<'a> {
 #[derive(Debug, Clone)]
 pub struct DistributedOptimizer {
     config: ZeroConfig,
-    segments: Vec<Segment>,
-    /// `N'`: padded flat length (a multiple of the DP size).
-    padded: usize,
-    dp: usize,
-    dp_rank: usize,
-    /// This rank's range `S_r` of the flat buffer.
-    shard: Range<usize>,
+    layout: FlatLayout,
     /// fp32 master weights of `S_r`.
     master: Vec<f32>,
     adam: AdamW,
@@ -197,44 +190,10 @@ impl DistributedOptimizer {
         dp_rank: usize,
         counts_in_norm: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
-        if dp_size == 0 || dp_rank >= dp_size {
-            return Err(ZeroError::Optim(OptimError::Invalid {
-                key: "dp",
-                reason: format!("rank {dp_rank} of a DP group of {dp_size}"),
-            }));
-        }
-        if !(config.weight_decay >= 0.0 && config.weight_decay.is_finite()) {
-            return Err(ZeroError::Optim(OptimError::Invalid {
-                key: "weight_decay",
-                reason: format!("must be a finite number >= 0, got {}", config.weight_decay),
-            }));
-        }
-        let mut segments = Vec::new();
-        let mut off = 0;
-        params.visit_params(&mut |name, t| {
-            let n = t.elem_count();
-            segments.push(Segment {
-                counts_in_norm: counts_in_norm(&name),
-                weight_decay: if decays(t.shape()) {
-                    config.weight_decay
-                } else {
-                    0.0
-                },
-                name,
-                shape: t.shape().to_vec(),
-                range: off..off + n,
-            });
-            off += n;
-        });
-        let padded = off.div_ceil(dp_size) * dp_size;
-        let shard = chunk_range(padded, dp_size, dp_rank);
+        let layout = FlatLayout::new(params, dp_size, dp_rank, config.weight_decay, counts_in_norm)?;
         let mut opt = DistributedOptimizer {
             config,
-            segments,
-            padded,
-            dp: dp_size,
-            dp_rank,
-            shard,
+            layout,
             master: Vec::new(),
             adam: AdamW::new(adam)?,
             steps: 0,
@@ -243,21 +202,19 @@ impl DistributedOptimizer {
         params.visit_params(&mut |n, t| {
             named.insert(n, t.clone());
         });
-        opt.master = opt.flatten(&|name| Ok(named.get(name).cloned()))?[opt.shard.clone()].to_vec();
+        opt.master = opt.flatten(&|name| Ok(named.get(name).cloned()))?[opt.layout.shard.clone()].to_vec();
         Ok(opt)
     }
 
     /// This rank's range of the flat buffer and the flat (padded) length.
     pub fn shard_range(&self) -> (Range<usize>, usize) {
-        (self.shard.clone(), self.padded)
+        (self.layout.shard.clone(), self.layout.padded)
     }
 
     /// `(name, range in the flat buffer)` of every parameter, in layout order (for checkpoints: a rank's pieces
     /// are the intersections with [`shard_range`](Self::shard_range)).
     pub fn layout(&self) -> impl Iterator<Item = (&str, Range<usize>)> {
-        self.segments
-            .iter()
-            .map(|s| (s.name.as_str(), s.range.clone()))
+        self.layout.ranges()
     }
 
     /// The fp32 master weights of this rank's shard. The optimizer owns them: parameters changed behind its back
@@ -274,19 +231,7 @@ impl DistributedOptimizer {
     /// The pieces of this rank's shard, in layout order: for checkpoints that store each rank's state with
     /// global offsets ([`crate::train::optimizer_shards`]).
     pub fn shard_pieces(&self) -> Vec<ShardPiece<'_>> {
-        let base = self.shard.start;
-        self.pieces()
-            .into_iter()
-            .map(|(si, r)| {
-                let seg = &self.segments[si];
-                let abs = r.start + base..r.end + base;
-                ShardPiece {
-                    name: &seg.name,
-                    param: abs.start - seg.range.start..abs.end - seg.range.start,
-                    shard: r,
-                }
-            })
-            .collect()
+        self.layout.shard_pieces()
     }
 
     /// Restores this rank's shard from values laid out like [`master_shard`](Self::master_shard) (padding
@@ -300,7 +245,7 @@ impl DistributedOptimizer {
         exp_avg_sq: &[f32],
         adam_step: u64,
     ) -> Result<()> {
-        let n = self.shard.len();
+        let n = self.layout.shard.len();
         if master.len() != n || exp_avg.len() != n || exp_avg_sq.len() != n {
             return Err(ZeroError::Layout {
                 name: format!(
@@ -313,9 +258,9 @@ impl DistributedOptimizer {
         }
         self.master.copy_from_slice(master);
         if adam_step > 0 {
-            for (si, r) in self.pieces() {
+            for (si, r) in self.layout.pieces() {
                 self.adam.set_state(
-                    &self.segments[si].name,
+                    &self.layout.segments[si].name,
                     AdamWState {
                         step: adam_step,
                         exp_avg: exp_avg[r.clone()].to_vec(),
@@ -343,20 +288,20 @@ impl DistributedOptimizer {
         dp: &dyn Communicator,
         device: &qkernels::Device,
     ) -> Result<(NamedTensors, NamedTensors)> {
-        self.check_dp(dp)?;
-        let mut m = vec![0f32; self.shard.len()];
-        let mut v = vec![0f32; self.shard.len()];
-        for (si, r) in self.pieces() {
-            if let Some(st) = self.adam.state(&self.segments[si].name) {
+        self.layout.check_dp(dp)?;
+        let mut m = vec![0f32; self.layout.shard.len()];
+        let mut v = vec![0f32; self.layout.shard.len()];
+        for (si, r) in self.layout.pieces() {
+            if let Some(st) = self.adam.state(&self.layout.segments[si].name) {
                 m[r.clone()].copy_from_slice(&st.exp_avg);
                 v[r].copy_from_slice(&st.exp_avg_sq);
             }
         }
         let gather = |shard: Vec<f32>| -> Result<Vec<f32>> {
-            if self.dp == 1 {
+            if self.layout.dp == 1 {
                 return Ok(shard);
             }
-            let mut full = vec![0f32; self.padded];
+            let mut full = vec![0f32; self.layout.padded];
             dp.all_gather(&shard, &mut full)?;
             Ok(full)
         };
@@ -378,11 +323,11 @@ impl DistributedOptimizer {
         let m = self.flatten(&|n| Ok(exp_avg.get(n).cloned()))?;
         let v = self.flatten(&|n| Ok(exp_avg_sq.get(n).cloned()))?;
         if adam_step > 0 {
-            let base = self.shard.start;
-            for (si, r) in self.pieces() {
+            let base = self.layout.shard.start;
+            for (si, r) in self.layout.pieces() {
                 let abs = r.start + base..r.end + base;
                 self.adam.set_state(
-                    &self.segments[si].name,
+                    &self.layout.segments[si].name,
                     AdamWState {
                         step: adam_step,
                         exp_avg: m[abs.clone()].to_vec(),
@@ -398,43 +343,21 @@ impl DistributedOptimizer {
     /// Named tensors of a flat (padded) buffer in layout order.
     fn unflatten(&self, flat: &[f32], device: &qkernels::Device) -> Result<NamedTensors> {
         let mut out = NamedTensors::new();
-        for s in &self.segments {
+        for s in &self.layout.segments {
             let t = qkernels::Tensor::from_f32(flat[s.range.clone()].to_vec(), &s.shape, device)?;
             out.insert(s.name.clone(), t);
         }
         Ok(out)
     }
 
-    fn check_dp(&self, dp: &dyn Communicator) -> Result<()> {
-        if dp.size() != self.dp || dp.rank() != self.dp_rank {
-            return Err(ZeroError::Optim(OptimError::Invalid {
-                key: "dp",
-                reason: format!(
-                    "communicator is rank {} of {}, the optimizer was built for rank {} of {}",
-                    dp.rank(),
-                    dp.size(),
-                    self.dp_rank,
-                    self.dp
-                ),
-            }));
-        }
-        Ok(())
-    }
-
     /// Flat, padded buffer of `get(name)` in layout order (shapes checked).
     fn flatten(&self, get: &dyn Fn(&str) -> Result<Option<qkernels::Tensor>>) -> Result<Vec<f32>> {
-        let mut flat = vec![0f32; self.padded];
-        for s in &self.segments {
+        let mut flat = vec![0f32; self.layout.padded];
+        for s in &self.layout.segments {
             let t = get(&s.name)?.ok_or_else(|| ZeroError::MissingGrad {
                 name: s.name.clone(),
             })?;
-            if t.shape() != s.shape.as_slice() {
-                return Err(ZeroError::GradShape {
-                    name: s.name.clone(),
-                    expected: s.shape.clone(),
-                    got: t.shape().to_vec(),
-                });
-            }
+            self.layout.check_shape(s, &t)?;
             flat[s.range.clone()].copy_from_slice(&t.to_vec_f32()?);
         }
         Ok(flat)
@@ -459,39 +382,17 @@ impl DistributedOptimizer {
         dp: &dyn Communicator,
         dtype: Option<qkernels::DType>,
     ) -> Result<()> {
-        let mut full = vec![0f32; self.padded];
-        if self.dp == 1 {
+        let mut full = vec![0f32; self.layout.padded];
+        if self.layout.dp == 1 {
             full.copy_from_slice(&self.master);
         } else {
             dp.all_gather(&self.master, &mut full)?;
         }
-        let mut k = 0;
-        let mut err = None;
-        params.visit_params_mut(&mut |name, t| {
-            if err.is_some() {
-                return;
-            }
-            let Some(seg) = self
-                .segments
-                .get(k)
-                .filter(|s| s.name == name && s.shape == t.shape())
-            else {
-                err = Some(ZeroError::Layout { name });
-                return;
-            };
+        self.layout.assign(params, &mut |seg, t| {
             let dtype = dtype.unwrap_or(t.dtype());
-            match qkernels::Tensor::from_f32(full[seg.range.clone()].to_vec(), &seg.shape, &t.device())
-                .and_then(|v| if dtype == qkernels::DType::F32 { Ok(v) } else { v.to_dtype(dtype) })
-            {
-                Ok(v) => *t = v,
-                Err(e) => err = Some(e.into()),
-            }
-            k += 1;
-        });
-        match err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+            let v = qkernels::Tensor::from_f32(full[seg.range.clone()].to_vec(), &seg.shape, &t.device())?;
+            Ok(if dtype == qkernels::DType::F32 { v } else { v.to_dtype(dtype)? })
+        })
     }
 
     /// One step on a [`TpModel`]: its DP group reduces the gradients, its TP group joins the norm.
@@ -516,31 +417,20 @@ impl DistributedOptimizer {
         dp: &dyn Communicator,
         norm_groups: &[&dyn Communicator],
     ) -> Result<StepStats> {
-        if dp.size() != self.dp || dp.rank() != self.dp_rank {
-            return Err(ZeroError::Optim(OptimError::Invalid {
-                key: "dp",
-                reason: format!(
-                    "communicator is rank {} of {}, the optimizer was built for rank {} of {}",
-                    dp.rank(),
-                    dp.size(),
-                    self.dp_rank,
-                    self.dp
-                ),
-            }));
-        }
+        self.layout.check_dp(dp)?;
         // 1. Reduce-scatter the gradients into this rank's shard.
         let flat = self.flatten(&|n| Ok(grads.get(n).cloned()))?;
-        let mut g = vec![0f32; self.shard.len()];
-        if self.dp == 1 {
+        let mut g = vec![0f32; self.layout.shard.len()];
+        if self.layout.dp == 1 {
             g.copy_from_slice(&flat);
         } else {
             dp.reduce_scatter(&flat, &mut g, ReduceOp::Sum)?;
         }
         // 2. Global norm: each element of the model counted once.
-        let pieces = self.pieces();
+        let pieces = self.layout.pieces();
         let sumsq: f64 = pieces
             .iter()
-            .filter(|(si, _)| self.segments[*si].counts_in_norm)
+            .filter(|(si, _)| self.layout.segments[*si].counts_in_norm)
             .map(|(_, r)| {
                 g[r.clone()]
                     .iter()
@@ -548,13 +438,7 @@ impl DistributedOptimizer {
                     .sum::<f64>()
             })
             .sum();
-        let mut total = [sumsq as f32];
-        for c in std::iter::once(dp).chain(norm_groups.iter().copied()) {
-            if c.size() > 1 {
-                c.all_reduce(&mut total, ReduceOp::Sum)?;
-            }
-        }
-        let grad_norm = (total[0] as f64).sqrt();
+        let grad_norm = global_norm(sumsq, dp, norm_groups)?;
         if !grad_norm.is_finite() {
             return Ok(StepStats {
                 grad_norm,
@@ -574,7 +458,7 @@ impl DistributedOptimizer {
         let mut rest: &mut [f32] = &mut self.master;
         let mut cursor = 0;
         for (si, r) in &pieces {
-            let seg = &self.segments[*si];
+            let seg = &self.layout.segments[*si];
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - cursor);
             let (piece, tail) = tail.split_at_mut(r.len());
             rest = tail;
@@ -596,19 +480,5 @@ impl DistributedOptimizer {
             clip_coef,
             skipped: false,
         })
-    }
-
-    /// `(segment index, range relative to the shard)` of every parameter piece inside this rank's shard, in order.
-    fn pieces(&self) -> Vec<(usize, Range<usize>)> {
-        let (s, e) = (self.shard.start, self.shard.end);
-        self.segments
-            .iter()
-            .enumerate()
-            .filter_map(|(i, seg)| {
-                let lo = seg.range.start.max(s);
-                let hi = seg.range.end.min(e);
-                (lo < hi).then(|| (i, lo - s..hi - s))
-            })
-            .collect()
     }
 }
