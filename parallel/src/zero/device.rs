@@ -158,17 +158,7 @@ impl DeviceDistributedOptimizer {
         exp_avg_sq: &[f32],
         adam_step: u64,
     ) -> Result<()> {
-        let n = self.layout.shard.len();
-        if master.len() != n || exp_avg.len() != n || exp_avg_sq.len() != n {
-            return Err(ZeroError::Layout {
-                name: format!(
-                    "<shard of {n} values; got {}, {}, {}>",
-                    master.len(),
-                    exp_avg.len(),
-                    exp_avg_sq.len()
-                ),
-            });
-        }
+        self.layout.check_shard_values(&[master, exp_avg, exp_avg_sq])?;
         let upload = |v: &[f32]| Tensor::from_f32(v.to_vec(), &[v.len()], &self.device);
         let mut fresh = Vec::with_capacity(self.pieces.len());
         for p in &self.pieces {

@@ -137,6 +137,18 @@ impl FlatLayout {
         Ok(())
     }
 
+    /// Checks that every buffer of `values` (a shard's masters and moments) has the shard's length.
+    pub(crate) fn check_shard_values(&self, values: &[&[f32]]) -> Result<()> {
+        let n = self.shard.len();
+        if values.iter().any(|v| v.len() != n) {
+            let got: Vec<usize> = values.iter().map(|v| v.len()).collect();
+            return Err(ZeroError::Layout {
+                name: format!("<shard of {n} values; got {got:?}>"),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks that `t` (a gradient, moment or parameter handed in for segment `seg`) has the segment's shape.
     pub(crate) fn check_shape(&self, seg: &Segment, t: &qkernels::Tensor) -> Result<()> {
         if t.shape() != seg.shape.as_slice() {

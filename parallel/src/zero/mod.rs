@@ -245,17 +245,7 @@ impl DistributedOptimizer {
         exp_avg_sq: &[f32],
         adam_step: u64,
     ) -> Result<()> {
-        let n = self.layout.shard.len();
-        if master.len() != n || exp_avg.len() != n || exp_avg_sq.len() != n {
-            return Err(ZeroError::Layout {
-                name: format!(
-                    "<shard of {n} values; got {}, {}, {}>",
-                    master.len(),
-                    exp_avg.len(),
-                    exp_avg_sq.len()
-                ),
-            });
-        }
+        self.layout.check_shard_values(&[master, exp_avg, exp_avg_sq])?;
         self.master.copy_from_slice(master);
         if adam_step > 0 {
             for (si, r) in self.layout.pieces() {
