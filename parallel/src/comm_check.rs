@@ -1,21 +1,32 @@
 //! The `comm-check` job body: an nccl-tests-style benchmark and correctness check of a communicator.
 //!
-//! For all-reduce (sum), all-gather and reduce-scatter (sum): `warmup` untimed iterations, then `iters` timed ones,
-//! each followed (untimed) by an exact check of the result on every rank.
+//! For all-reduce (sum), all-gather, reduce-scatter (sum) and all-to-all: `warmup` untimed iterations, then `iters`
+//! timed ones, each followed (untimed) by an exact check of the result on every rank.
 //!
 //! **Sizes** follow nccl-tests: the reported size `S` is the all-reduce buffer, the all-gather *output*
-//! (`n·m` for a per-rank input of `m`), and the reduce-scatter *input* (`n·m` for a per-rank output of `m`);
-//! `S` is `bytes` rounded down to whole `f32`s (and to a multiple of `n` elements for all-gather / reduce-scatter),
-//! at least one element per rank.
+//! (`n·m` for a per-rank input of `m`), the reduce-scatter *input* (`n·m` for a per-rank output of `m`), and the
+//! all-to-all's per-rank *input* (= its per-rank output, `n` chunks of `m`); `S` is `bytes` rounded down to whole
+//! `f32`s (and to a multiple of `n` elements for all-gather / reduce-scatter / all-to-all), at least one element
+//! per rank.
+//!
+//! **All-to-all**: every rank's input of `S = n·m` elements is cut into `n` chunks of `m`; chunk `j` goes to rank
+//! `j`, which stores what rank `r` sent it at chunk position `r`: `out_j[r·m + k] = in_r[j·m + k]` (`0 ≤ k < m`), a
+//! block transpose over ranks. Run as [`Communicator::all_to_all_v`] with all counts `m`; with `n = 1` a copy.
 //!
 //! **Bandwidths** (GB/s = 10⁹ B/s): `algbw = S / t`; `busbw = algbw · 2(n-1)/n` for all-reduce and
-//! `algbw · (n-1)/n` for all-gather and reduce-scatter — the traffic each rank puts on its link in a ring, comparable
-//! with the hardware bandwidth for any `n` (see the `comm` module docs). `t` is the mean time of one iteration,
-//! taking the slowest rank (max over ranks), so every rank reports the same numbers.
+//! `algbw · (n-1)/n` for all-gather, reduce-scatter and all-to-all — the traffic each rank puts on its link in a
+//! ring (for all-to-all: the `(n-1)/n` of its buffer that leaves the rank), comparable with the hardware bandwidth
+//! for any `n` (see the `comm` module docs). `t` is the mean time of one iteration, taking the slowest rank (max
+//! over ranks), so every rank reports the same numbers.
 //!
 //! **Data**: rank `r`'s element `i` is `((7r + 13i) mod 31) − 15`, a small integer, so any sum over up to 2²⁴/15
 //! ranks is exact in `f32` whatever the summation order; results are compared for exact equality. The number of
-//! wrong elements is summed over ranks, so a corruption seen by one rank fails the check everywhere.
+//! wrong elements is summed over ranks, so a corruption seen by one rank fails the check everywhere. Expected
+//! results: all-reduce `Σ_r value(r, i)`; all-gather `value(i / m, i)` (rank `q` contributes the block `q` of the
+//! global index space); reduce-scatter chunk `rank` of the all-reduce; all-to-all at rank `j`, chunk `r`, offset
+//! `k`: `value(r, j·m + k)`. The data repeats every 31 elements and every 31 ranks, so a fault that moves data by a
+//! multiple of 31 elements goes unseen; for all-to-all also a sender's chunks mixed up when `m ≡ 0 (mod 31)`, and a
+//! missing exchange (output = input) when `m ≡ 22 (mod 31)` (`7(j−r) ≡ 13m(j−r)`).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -50,13 +61,15 @@ pub enum Collective {
     AllReduce,
     AllGather,
     ReduceScatter,
+    AllToAll,
 }
 
 impl Collective {
-    pub const ALL: [Collective; 3] = [
+    pub const ALL: [Collective; 4] = [
         Collective::AllReduce,
         Collective::AllGather,
         Collective::ReduceScatter,
+        Collective::AllToAll,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +77,29 @@ impl Collective {
             Collective::AllReduce => "all_reduce",
             Collective::AllGather => "all_gather",
             Collective::ReduceScatter => "reduce_scatter",
+            Collective::AllToAll => "all_to_all",
+        }
+    }
+
+    /// The nccl-tests size `S` in elements for a request of `elems` whole elements on `n` ranks (see the module
+    /// docs): at least one element per rank, a multiple of `n` except for all-reduce.
+    pub fn count(self, elems: usize, n: usize) -> usize {
+        match self {
+            Collective::AllReduce => elems.max(1),
+            Collective::AllGather | Collective::ReduceScatter | Collective::AllToAll => {
+                (elems / n).max(1) * n
+            }
+        }
+    }
+
+    /// One rank's (input, output) lengths for the size `count` (from [`Collective::count`]); all-reduce runs in
+    /// place on its output.
+    pub fn lengths(self, count: usize, n: usize) -> (usize, usize) {
+        let m = count / n;
+        match self {
+            Collective::AllReduce | Collective::AllToAll => (count, count),
+            Collective::AllGather => (m, count),
+            Collective::ReduceScatter => (count, m),
         }
     }
 
@@ -72,7 +108,9 @@ impl Collective {
         let n = n as f64;
         match self {
             Collective::AllReduce => 2.0 * (n - 1.0) / n,
-            Collective::AllGather | Collective::ReduceScatter => (n - 1.0) / n,
+            Collective::AllGather | Collective::ReduceScatter | Collective::AllToAll => {
+                (n - 1.0) / n
+            }
         }
     }
 }
@@ -153,6 +191,46 @@ fn expected_sum(n: usize, i: usize) -> f32 {
     (0..n).map(|r| check_value(r, i)).sum()
 }
 
+/// Rank `rank`'s input (of `n` ranks) for collective `c` of size `count` (from [`Collective::count`]): its values
+/// [`check_value`]`(rank, i)`; for all-gather only its block `rank` of the global index space.
+pub fn check_input(c: Collective, n: usize, rank: usize, count: usize) -> Vec<f32> {
+    match c {
+        Collective::AllGather => {
+            let m = count / n;
+            (rank * m..(rank + 1) * m)
+                .map(|i| check_value(rank, i))
+                .collect()
+        }
+        Collective::AllReduce | Collective::ReduceScatter | Collective::AllToAll => {
+            (0..count).map(|i| check_value(rank, i)).collect()
+        }
+    }
+}
+
+/// The exact output rank `rank` (of `n`) must hold after collective `c` (sum for the reductions) of size `count`
+/// on the [`check_input`]s; see the module docs.
+pub fn check_expected(c: Collective, n: usize, rank: usize, count: usize) -> Vec<f32> {
+    let m = count / n;
+    match c {
+        Collective::AllReduce => (0..count).map(|i| expected_sum(n, i)).collect(),
+        Collective::AllGather => (0..count).map(|i| check_value(i / m, i)).collect(),
+        Collective::ReduceScatter => chunk_range(count, n, rank)
+            .map(|i| expected_sum(n, i))
+            .collect(),
+        // Chunk r came from rank r: its chunk `rank`, i.e. its elements rank·m + k.
+        Collective::AllToAll => (0..count)
+            .map(|i| check_value(i / m, rank * m + i % m))
+            .collect(),
+    }
+}
+
+/// Elements of `got` that differ from `expected` (NaN never matches); a length difference counts as that many
+/// wrong elements.
+pub fn count_wrong(got: &[f32], expected: &[f32]) -> u64 {
+    let differ = got.iter().zip(expected).filter(|(a, b)| a != b).count();
+    (differ + got.len().abs_diff(expected.len())) as u64
+}
+
 /// Runs the check with [`DEFAULT_WARMUP`] warm-up iterations. Every member of `comm` must call it with the same
 /// arguments.
 pub fn run_comm_check(
@@ -198,35 +276,14 @@ fn check_one(
 ) -> Result<CollectiveResult, CommError> {
     let n = comm.size();
     let me = comm.rank();
-    let elems = opts.bytes / 4;
     // nccl-tests size S, in elements, and the per-rank input/output lengths.
-    let count = match c {
-        Collective::AllReduce => elems.max(1),
-        Collective::AllGather | Collective::ReduceScatter => (elems / n).max(1) * n,
-    };
-    let m = count / n;
-    let (input, mut output): (Vec<f32>, Vec<f32>) = match c {
-        Collective::AllReduce => (
-            (0..count).map(|i| check_value(me, i)).collect(),
-            vec![0.0; count],
-        ),
-        // Rank r contributes the block r of the global index space, so the gathered vector is check_value(q, i).
-        Collective::AllGather => (
-            (0..m).map(|j| check_value(me, me * m + j)).collect(),
-            vec![0.0; count],
-        ),
-        Collective::ReduceScatter => (
-            (0..count).map(|i| check_value(me, i)).collect(),
-            vec![0.0; m],
-        ),
-    };
-    let expected: Vec<f32> = match c {
-        Collective::AllReduce => (0..count).map(|i| expected_sum(n, i)).collect(),
-        Collective::AllGather => (0..count).map(|i| check_value(i / m, i)).collect(),
-        Collective::ReduceScatter => chunk_range(count, n, me)
-            .map(|i| expected_sum(n, i))
-            .collect(),
-    };
+    let count = c.count(opts.bytes / 4, n);
+    let (_, out_len) = c.lengths(count, n);
+    let input = check_input(c, n, me, count);
+    let mut output = vec![0.0f32; out_len];
+    let expected = check_expected(c, n, me, count);
+    // All-to-all: equal chunks of m = count / n elements to and from every rank.
+    let chunks = vec![count / n; n];
 
     let mut wrong = 0u64;
     let mut timed = Duration::ZERO;
@@ -241,12 +298,13 @@ fn check_one(
             Collective::AllReduce => comm.all_reduce(&mut output, ReduceOp::Sum)?,
             Collective::AllGather => comm.all_gather(&input, &mut output)?,
             Collective::ReduceScatter => comm.reduce_scatter(&input, &mut output, ReduceOp::Sum)?,
+            Collective::AllToAll => comm.all_to_all_v(&input, &chunks, &mut output, &chunks)?,
         }
         let dt = t0.elapsed();
         if it >= opts.warmup {
             timed += dt;
         }
-        wrong += output.iter().zip(&expected).filter(|(a, b)| a != b).count() as u64;
+        wrong += count_wrong(&output, &expected);
     }
 
     // Agree on the numbers: the slowest rank's mean time, and the wrong elements summed over ranks (exact in f32

@@ -1,10 +1,14 @@
 //! The `comm-check` job body on GPUs: [`crate::comm_check`]'s verification and nccl-tests bandwidths, on device
 //! buffers through an [`NcclCommunicator`].
 //!
-//! Same sizes (`S` = the all-reduce buffer, the all-gather output, the reduce-scatter input, rounded down to
-//! whole elements of the chosen dtype and to a multiple of `n` for all-gather / reduce-scatter), same data
-//! (rank `r`'s element `i` is [`check_value`]`(r, i)`, an integer in −15..=15), same formulas
-//! (`algbw = S / t`, `busbw = algbw · 2(n−1)/n` or `· (n−1)/n`), same report type ([`CommCheckReport`]).
+//! Same sizes (`S` = the all-reduce buffer, the all-gather output, the reduce-scatter input, the all-to-all's
+//! per-rank input, rounded down to whole elements of the chosen dtype and to a multiple of `n` for all-gather /
+//! reduce-scatter / all-to-all), same data (rank `r`'s element `i` is [`check_value`](crate::comm_check::check_value)`(r, i)`, an integer in
+//! −15..=15; the inputs and expected outputs are [`check_input`] and [`check_expected`]), same formulas
+//! (`algbw = S / t`, `busbw = algbw · 2(n−1)/n` for all-reduce, `· (n−1)/n` for the others), same report type
+//! ([`CommCheckReport`]). The all-to-all (`n` equal chunks of `m = S/n`, chunk `j` to rank `j`, stored there at
+//! position `r` of the sender: `out_j[r·m + k] = in_r[j·m + k]`) is [`NcclCommunicator::all_to_all_v_dev`] with
+//! all counts `m` (grouped `ncclSend`/`ncclRecv`, also to itself).
 //!
 //! Differences, because a device collective returns before the data has moved:
 //! - **Timing**: after a barrier, the `iters` timed collectives are enqueued back to back and the host waits once
@@ -22,11 +26,10 @@ use std::time::{Duration, Instant};
 
 use qkernels::DType as KDType;
 
-use crate::comm::{
-    CommBuffer, Communicator, DeviceBuffer, NcclCommunicator, NcclError, ReduceOp, chunk_range,
-};
+use crate::comm::{CommBuffer, Communicator, DeviceBuffer, NcclCommunicator, NcclError, ReduceOp};
 use crate::comm_check::{
-    Collective, CollectiveResult, CommCheckError, CommCheckOptions, CommCheckReport, check_value,
+    Collective, CollectiveResult, CommCheckError, CommCheckOptions, CommCheckReport,
+    check_expected, check_input, count_wrong,
 };
 
 /// A GPU comm-check's report: the shared report plus the element type used.
@@ -97,10 +100,6 @@ pub fn run_comm_check_nccl(
     })
 }
 
-fn expected_sum(n: usize, i: usize) -> f32 {
-    (0..n).map(|r| check_value(r, i)).sum()
-}
-
 fn check_one(
     comm: &NcclCommunicator,
     c: Collective,
@@ -112,28 +111,13 @@ fn check_one(
     let err = nccl(me);
     let ordinal = comm.device().ordinal();
     let es = dtype.size_in_bytes();
-    let elems = opts.bytes / es;
-    let count = match c {
-        Collective::AllReduce => elems.max(1),
-        Collective::AllGather | Collective::ReduceScatter => (elems / n).max(1) * n,
-    };
-    let m = count / n;
-    let (in_len, out_len) = match c {
-        Collective::AllReduce => (count, count),
-        Collective::AllGather => (m, count),
-        Collective::ReduceScatter => (count, m),
-    };
-    let host_in: Vec<f32> = match c {
-        Collective::AllGather => (0..m).map(|j| check_value(rank, rank * m + j)).collect(),
-        _ => (0..count).map(|i| check_value(rank, i)).collect(),
-    };
-    let expected: Vec<f32> = match c {
-        Collective::AllReduce => (0..count).map(|i| expected_sum(n, i)).collect(),
-        Collective::AllGather => (0..count).map(|i| check_value(i / m, i)).collect(),
-        Collective::ReduceScatter => chunk_range(count, n, rank)
-            .map(|i| expected_sum(n, i))
-            .collect(),
-    };
+    let count = c.count(opts.bytes / es, n);
+    let (in_len, out_len) = c.lengths(count, n);
+    let host_in = check_input(c, n, rank, count);
+    debug_assert_eq!(host_in.len(), in_len);
+    let expected = check_expected(c, n, rank, count);
+    // All-to-all: equal chunks of m = count / n elements to and from every rank.
+    let chunks = vec![count / n; n];
     let mut input = DeviceBuffer::alloc(ordinal, in_len, dtype).map_err(&err)?;
     input.upload_f32(&host_in).map_err(&err)?;
     drop(host_in);
@@ -144,6 +128,7 @@ fn check_one(
             Collective::AllReduce => comm.all_reduce_dev(output, ReduceOp::Sum),
             Collective::AllGather => comm.all_gather_dev(input, output),
             Collective::ReduceScatter => comm.reduce_scatter_dev(input, output, ReduceOp::Sum),
+            Collective::AllToAll => comm.all_to_all_v_dev(input, &chunks, output, &chunks),
         }
     };
     let checked = |input: &DeviceBuffer, output: &mut DeviceBuffer| -> Result<u64, NcclError> {
@@ -155,7 +140,7 @@ fn check_one(
         comm.synchronize()?;
         let got = output.download_f32()?;
         debug_assert_eq!(got.len(), expected.len());
-        Ok(got.iter().zip(&expected).filter(|(a, b)| a != b).count() as u64)
+        Ok(count_wrong(&got, &expected))
     };
 
     let mut wrong = 0u64;
@@ -211,6 +196,7 @@ fn check_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm_check::check_value;
 
     #[test]
     fn dtype_names() {
@@ -222,8 +208,8 @@ mod tests {
     #[test]
     fn bf16_check_values_and_small_sums_are_exact() {
         for n in 1..=17 {
-            for i in 0..200 {
-                let s = expected_sum(n, i);
+            let sums = check_expected(Collective::AllReduce, n, 0, 200);
+            for (i, &s) in sums.iter().enumerate() {
                 assert_eq!(half::bf16::from_f32(s).to_f32(), s, "n={n} i={i}");
                 assert_eq!(
                     half::bf16::from_f32(check_value(n, i)).to_f32(),

@@ -36,6 +36,10 @@ use crate::comm::{Communicator, ReduceOp};
 use crate::model::NamedTensors;
 use crate::optim::{AdamWConfig, OptimError, clip_coefficient};
 
+/// One piece of a shard on the host: `(parameter name, its elements in the parameter, [master, exp_avg,
+/// exp_avg_sq])`.
+pub type HostPiece<'a> = (&'a str, Range<usize>, [Vec<f32>; 3]);
+
 /// The device state of one piece of this rank's shard.
 struct DevicePiece {
     /// Index of the piece's parameter in the layout.
@@ -127,9 +131,9 @@ impl DeviceDistributedOptimizer {
         self.steps
     }
 
-    /// Every piece's `(name, elements of the parameter, master, exp_avg, exp_avg_sq)` copied to the host, in
-    /// layout order (moments are zeros before the first step): what a checkpoint saves.
-    pub fn pieces_to_host(&self) -> Result<Vec<(&str, Range<usize>, [Vec<f32>; 3])>> {
+    /// Every piece's state copied to the host, in layout order (moments are zeros before the first step): what a
+    /// checkpoint saves.
+    pub fn pieces_to_host(&self) -> Result<Vec<HostPiece<'_>>> {
         self.layout
             .shard_pieces()
             .into_iter()
