@@ -198,6 +198,13 @@ impl Tensor {
         Ok(Tensor::from_cpu(t))
     }
 
+    /// `data` as a `dtype` tensor on `device`: uploaded as f32, then cast (f32 → bf16 rounds to nearest even).
+    /// How host results (collectives on host vectors) come back in the dtype of the tensors they replace.
+    pub fn from_f32_as(data: Vec<f32>, shape: &[usize], device: &Device, dtype: DType) -> Result<Tensor> {
+        let t = Tensor::from_f32(data, shape, device)?;
+        if t.dtype() == dtype { Ok(t) } else { t.to_dtype(dtype) }
+    }
+
     /// A u32 tensor of `shape` holding `data` (ids, positions, indices).
     pub fn from_u32(data: Vec<u32>, shape: &[usize], device: &Device) -> Result<Tensor> {
         check_len(data.len(), shape)?;

@@ -123,6 +123,18 @@ fn assert_losses_match(what: &str, got: &[(u64, f64)], want: &[(u64, f64)]) {
 
 /// One layout against the single-rank run: 3 steps, `micro` rows per rank, `accum` micro-batches.
 fn check_layout(model: &str, world: usize, pc: ParallelConfig, micro: usize, accum: usize) {
+    check_layout_with(model, world, pc, micro, accum, |_| {});
+}
+
+/// [`check_layout`] with the multi-rank run's config changed by `tweak` (e.g. the device engines).
+fn check_layout_with(
+    model: &str,
+    world: usize,
+    pc: ParallelConfig,
+    micro: usize,
+    accum: usize,
+    tweak: impl Fn(&mut TrainConfig),
+) {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = write_corpus(tmp.path(), 60, 0x9E37_79B9, 40);
     let d = dims(world, pc);
@@ -135,9 +147,10 @@ fn check_layout(model: &str, world: usize, pc: ParallelConfig, micro: usize, acc
         accum,
     );
     let want = run_training(&single, &mut NoProgress).unwrap();
-    let cfg = config(model, &corpus, &tmp.path().join("multi"), 3, micro, accum);
+    let mut cfg = config(model, &corpus, &tmp.path().join("multi"), 3, micro, accum);
+    tweak(&mut cfg);
     let got = run_distributed(d, &cfg, &mut NoProgress);
-    let what = format!("{model} {pc:?} world {world}");
+    let what = format!("{model} {pc:?} world {world} (device optimizer: {})", cfg.optimizer_on_device);
     assert_losses_match(&what, &got.losses, &want.losses);
     // Rank 0 wrote the same metrics history, with the global batch's tokens and norm.
     let (m1, m2) = (
@@ -431,6 +444,16 @@ fn moe_ep2_equals_the_single_rank_run() {
         2,
         2,
     );
+}
+
+/// The context/expert-parallel engine of GPU ranks (`optimizer_on_device`: gradients summed and reduced as
+/// tensors, the device optimizer over the full local parameters) on CPU thread ranks: cp2 and ep2·dp2 on the MoE
+/// model equal the single-rank run, with the same metrics and single-rank-format checkpoints.
+#[test]
+fn moe_cp2_and_ep2_dp2_on_the_device_engine_equal_the_single_rank_run() {
+    let on_device = |c: &mut TrainConfig| c.optimizer_on_device = true;
+    check_layout_with("qwen3-moe-tiny.json", 2, ParallelConfig { cp: 2, ..Default::default() }, 2, 1, on_device);
+    check_layout_with("qwen3-moe-tiny.json", 4, ParallelConfig { ep: 2, ..Default::default() }, 1, 2, on_device);
 }
 
 /// SFT rows (unpacked) have the length of their longest sample, so micro-batches differ in length: the pipeline

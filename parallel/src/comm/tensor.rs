@@ -95,12 +95,7 @@ fn rows_cols(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
 
 /// A host result back into a tensor like `like` (same device and dtype).
 fn from_host(v: Vec<f32>, shape: &[usize], like: &Tensor) -> Result<Tensor> {
-    let t = Tensor::from_f32(v, shape, &like.device())?;
-    Ok(if t.dtype() == like.dtype() {
-        t
-    } else {
-        t.to_dtype(like.dtype())?
-    })
+    Ok(Tensor::from_f32_as(v, shape, &like.device(), like.dtype())?)
 }
 
 /// `Σ_j x_j` (or another [`ReduceOp`]) over `comm`, any shape, in `x`'s dtype; a clone for a group of one.

@@ -315,10 +315,10 @@ impl AttentionCore for CpAttention<'_> {
                 }
             }
         }
-        let dev = k.device();
+        let (dev, dt) = (k.device(), k.dtype());
         Ok((
-            Tensor::from_f32(kf, &[b, s, h, d], &dev)?,
-            Tensor::from_f32(vf, &[b, s, h, d], &dev)?,
+            Tensor::from_f32_as(kf, &[b, s, h, d], &dev, dt)?,
+            Tensor::from_f32_as(vf, &[b, s, h, d], &dev, dt)?,
         ))
     }
 
@@ -350,10 +350,10 @@ impl AttentionCore for CpAttention<'_> {
             }
         }
         let mine = self.cp.reduce_scatter_vec(&buf, ReduceOp::Sum)?; // [k|v][B][S/cp][hd]
-        let dev = dk.device();
+        let (dev, dt) = (dk.device(), dk.dtype());
         Ok((
-            Tensor::from_f32(mine[..piece].to_vec(), &[b, sl, h, d], &dev)?,
-            Tensor::from_f32(mine[piece..].to_vec(), &[b, sl, h, d], &dev)?,
+            Tensor::from_f32_as(mine[..piece].to_vec(), &[b, sl, h, d], &dev, dt)?,
+            Tensor::from_f32_as(mine[piece..].to_vec(), &[b, sl, h, d], &dev, dt)?,
         ))
     }
 

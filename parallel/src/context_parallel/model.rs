@@ -13,7 +13,7 @@
 //! See the [module docs](super) and [`crate::expert_parallel`] for the maths and the collective pairs.
 
 use qkernels::ops::{self, RopeTable, RouterStats};
-use qkernels::{Device, Tensor};
+use qkernels::{DType, Device, Tensor};
 
 use super::{CpAttention, CpBatch, CpError, Result, shard_batch};
 use crate::comm::{Communicator, ReduceOp};
@@ -28,8 +28,8 @@ use crate::model::moe::{AuxLossGrad, all_reduce_router_stats};
 use crate::model::params::{NamedMismatch, fill_from_named};
 use crate::model::{Batch, DecoderLayer, Ffn, ModelConfig, NamedTensors, Qwen3Params, SparseMoe};
 use crate::optim::AdamWConfig;
-use crate::tensor_parallel::split_batch_rows;
-use crate::zero::{DistributedOptimizer, StepStats, ZeroConfig};
+use crate::tensor_parallel::{TpError, split_batch_rows};
+use crate::zero::{DeviceDistributedOptimizer, DistributedOptimizer, StepStats, ZeroConfig};
 
 /// The communicators of one rank (every one a group of one when its dimension is 1).
 pub struct CpEpGroups {
@@ -285,6 +285,10 @@ impl CpEpModel {
     pub fn groups(&self) -> &CpEpGroups {
         &self.groups
     }
+    /// The device the rank computes on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
     /// This rank's expert shards (`None` for dense models).
     pub fn expert_layout(&self) -> Option<&ExpertLayout> {
         self.experts.as_ref()
@@ -346,34 +350,37 @@ impl CpEpModel {
     }
 
     /// The data-parallel gradient reduction: weights replicated over dp × cp (all but the experts) summed over the
-    /// dp-cp group, expert shards over the expert-dp group. Afterwards every replica holds the gradient of the
-    /// global loss. Collective over dp-cp and expert-dp.
+    /// dp-cp group, expert shards over the expert-dp group — one f32 all-reduce per group of the gradients laid end
+    /// to end, on their device (NCCL on GPUs). Afterwards every replica holds the gradient of the global loss.
+    /// Collective over dp-cp and expert-dp.
     pub fn reduce_grads(&self, grads: &NamedTensors) -> Result<NamedTensors> {
         let mut out = grads.clone();
         for (expert, group) in [
             (false, &*self.groups.dp_cp),
             (true, &*self.groups.expert_dp),
         ] {
-            if group.size() == 1 {
-                continue;
-            }
             let names: Vec<&String> = grads
                 .keys()
                 .filter(|n| is_expert_param(n) == expert)
                 .collect();
-            let mut flat = Vec::new();
-            for n in &names {
-                flat.extend(grads[*n].to_vec_f32()?);
+            if group.size() == 1 || names.is_empty() {
+                continue;
             }
-            group.all_reduce(&mut flat, ReduceOp::Sum)?;
+            let parts = names
+                .iter()
+                .map(|n| {
+                    let t = grads[*n].reshape(&[grads[*n].elem_count()])?;
+                    if t.dtype() == DType::F32 { Ok(t) } else { t.to_dtype(DType::F32) }
+                })
+                .collect::<qkernels::Result<Vec<_>>>()?;
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            let flat = Tensor::cat(&refs, 0)?;
+            let summed = crate::comm::tensor::all_reduce(&flat, group, ReduceOp::Sum).map_err(TpError::from)?;
             let mut off = 0;
             for n in names {
                 let t = &grads[n];
                 let len = t.elem_count();
-                out.insert(
-                    n.clone(),
-                    Tensor::from_f32(flat[off..off + len].to_vec(), t.shape(), &t.device())?,
-                );
+                out.insert(n.clone(), summed.narrow(0, off, len)?.reshape(t.shape())?);
                 off += len;
             }
         }
@@ -402,6 +409,30 @@ impl CpEpModel {
             0,
             &|n| self.counts_in_norm(n),
         )?)
+    }
+
+    /// [`optimizer`](Self::optimizer) on the device (the GPU engine): f32 masters and moments of the full local
+    /// parameters on this rank's device ([`DeviceDistributedOptimizer`] over a dp group of one).
+    pub fn device_optimizer(&self, config: ZeroConfig, adam: AdamWConfig) -> Result<DeviceDistributedOptimizer> {
+        Ok(DeviceDistributedOptimizer::for_params(
+            config,
+            adam,
+            &self.params,
+            1,
+            0,
+            &|n| self.counts_in_norm(n),
+        )?)
+    }
+
+    /// [`step`](Self::step) with the device optimizer. Collective.
+    pub fn step_device(
+        &mut self,
+        opt: &mut DeviceDistributedOptimizer,
+        grads: &NamedTensors,
+        lr: f64,
+    ) -> Result<StepStats> {
+        let reduced = self.reduce_grads(grads)?;
+        Ok(opt.step_with(&mut self.params, reduced, lr, &*self.groups.solo, &[&*self.groups.stage])?)
     }
 
     /// One optimizer step: [`reduce_grads`](Self::reduce_grads), the global-norm clip over the stage, AdamW.

@@ -61,9 +61,10 @@
 //!
 //! # Limits
 //!
-//! Counts travel as f32 (exact below 2²⁴ rows). Rows move through host memory (the CPU communicator's buffers);
-//! a device implementation would permute on the GPU and hand device views to NCCL. No capacity factor / token
-//! dropping (HF Qwen3-MoE has none).
+//! Counts travel as f32 (exact below 2²⁴ rows). Rows move through host memory, also on GPUs (downloaded, exchanged
+//! through the group's host collectives, uploaded back in the activations' dtype); a device implementation would
+//! permute on the GPU and hand device views to NCCL (`all_to_all_v` on device buffers exists). No capacity factor /
+//! token dropping (HF Qwen3-MoE has none).
 
 use crate::model::moe::expert_weights;
 use qkernels::Tensor;
@@ -429,11 +430,8 @@ impl ExpertRoute {
         } else {
             xr
         };
-        Ok(Tensor::from_f32(
-            gather_rows(&xg, w, &self.order),
-            &[self.order.len(), w],
-            &x.device(),
-        )?)
+        let rows = gather_rows(&xg, w, &self.order);
+        Ok(Tensor::from_f32_as(rows, &[self.order.len(), w], &x.device(), x.dtype())?)
     }
 
     /// `C = Dᵀ`: expert-major rows `[N, W]` (partial sums over ETP) → rows `[T·k, W]` in the layout `dispatch`
@@ -470,7 +468,7 @@ impl ExpertRoute {
             yr
         };
         let rows = self.send_rows.iter().sum();
-        Ok(Tensor::from_f32(yp, &[rows, w], &y.device())?)
+        Ok(Tensor::from_f32_as(yp, &[rows, w], &y.device(), y.dtype())?)
     }
 
     fn width(&self, x: &Tensor, rows: usize, op: &str) -> Result<usize> {

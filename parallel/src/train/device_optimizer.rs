@@ -14,6 +14,7 @@ use super::Result;
 use super::optimizer_shards::{self, GlobalMap, PieceState, ShardedOptimizer};
 use crate::model::{ModelError, NamedTensors};
 use crate::optim::{AdamWConfig, AdamWState, DeviceAdamW, DeviceOptimError};
+use crate::context_parallel::CpEpModel;
 use crate::pipeline::PipelineModel;
 use crate::tensor_parallel::TpModel;
 use crate::zero::{DeviceDistributedOptimizer, ParamSet, StepStats, ZeroConfig};
@@ -77,6 +78,23 @@ impl DeviceOptimizer {
                 clip_grad: zero.max_grad_norm.unwrap_or(0.0),
             }
         })
+    }
+
+    /// The optimizer of a context/expert-parallel rank: its full local parameters (the model reduces the
+    /// gradients over its dp-cp and expert-dp groups itself), so a dp group of one.
+    pub(super) fn for_cp_ep(model: &CpEpModel, zero: ZeroConfig, adam: AdamWConfig) -> Result<Self> {
+        Ok(DeviceOptimizer::Sharded(model.device_optimizer(zero, adam)?))
+    }
+
+    /// One step of a context/expert-parallel rank on its micro-batch gradient sum. Collective over its groups.
+    pub(super) fn step_cp_ep(&mut self, model: &mut CpEpModel, grads: &NamedTensors, lr: f64) -> Result<StepStats> {
+        match self {
+            DeviceOptimizer::Sharded(opt) => Ok(model.step_device(opt, grads, lr)?),
+            DeviceOptimizer::Replicated { .. } => Err(super::TrainError::Invalid {
+                key: "parallel",
+                reason: "the context/expert-parallel engine steps the ZeRO layout of one rank only".into(),
+            }),
+        }
     }
 
     /// One step of a tensor-parallel rank on its micro-batch gradient sum `grads`. Collective over dp and tp.

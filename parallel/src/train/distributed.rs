@@ -13,6 +13,12 @@
 //! Anything else (cp or ep together with tp or pp) is [`TrainError::Layout`]; LoRA runs on one rank only
 //! ([`run_training`](super::run_training)), so `lora` here is [`TrainError::Invalid`].
 //!
+//! On GPUs (and on CPU ranks with `optimizer_on_device`) the same models run with their optimizer state on the
+//! device (`train::device_optimizer`): tp and pp layouts replicate it over dp, or shard it with
+//! `distributed_optimizer` (device ZeRO-1); cp/ep steps the full local parameters after the model's reduction.
+//! `cp > 1` is refused on GPUs (its index-masked attention has no CUDA kernel); ep runs, its token dispatch through
+//! host vectors.
+//!
 //! # One step (every rank)
 //!
 //! ```text
@@ -221,10 +227,11 @@ pub fn run_distributed_training(
             ),
         });
     }
-    if matches!(cfg.device, Device::Cuda(_)) && kind == EngineKind::ContextExpert {
+    if matches!(cfg.device, Device::Cuda(_)) && dims.cp() > 1 {
         return Err(TrainError::Invalid {
             key: "parallel",
-            reason: "on GPUs the engine trains dp × tp (± sp) × pp layouts; cp and ep run on CPU ranks only for now"
+            reason: "context parallelism (cp > 1) runs on CPU ranks only for now: its index-masked attention has no \
+                     CUDA kernel yet (expert parallelism, ep, does run on GPUs)"
                 .into(),
         });
     }
@@ -782,6 +789,13 @@ enum Engine {
         model: Box<CpEpModel>,
         opt: DistributedOptimizer,
     },
+    /// dp × cp × ep × etp on GPUs: gradients summed on the device, reduced by the model over dp-cp / expert-dp,
+    /// AdamW on device masters of the full local parameters. CP's K/V exchange and EP's dispatch still move host
+    /// vectors (cast back to the activations' dtype).
+    CpEpDevice {
+        model: Box<CpEpModel>,
+        opt: DeviceOptimizer,
+    },
 }
 
 /// Gradients accumulated over micro-batches with weights `W_m / W`, on the host.
@@ -877,10 +891,18 @@ impl Engine {
                 }
                 let groups = CpEpGroups::new(world, &dims)?;
                 let model = CpEpModel::from_full(config, params, dims, rank, groups)?;
-                let opt = model.optimizer(zero, cfg.adam)?;
-                Engine::CpEp {
-                    model: Box::new(model),
-                    opt,
+                if matches!(model.device(), Device::Cuda(_)) || cfg.optimizer_on_device {
+                    let opt = DeviceOptimizer::for_cp_ep(&model, zero, cfg.adam)?;
+                    Engine::CpEpDevice {
+                        model: Box::new(model),
+                        opt,
+                    }
+                } else {
+                    let opt = model.optimizer(zero, cfg.adam)?;
+                    Engine::CpEp {
+                        model: Box::new(model),
+                        opt,
+                    }
                 }
             }
         })
@@ -908,6 +930,10 @@ impl Engine {
             Engine::CpEp { model, opt } => {
                 let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
                 opt.restore_moments(&lm.to_named(), &lv.to_named(), adam_step)?;
+            }
+            Engine::CpEpDevice { model, opt } => {
+                let (lm, lv) = (model.local_from_full(m)?, model.local_from_full(v)?);
+                opt.restore_moments(lm.to_named(), lv.to_named(), adam_step)?;
             }
         }
         Ok(())
@@ -985,8 +1011,23 @@ impl Engine {
                     add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
                     sum.add(o.grads, frac as f32)?;
                 }
-                let grads = sum.finish(&Device::Cpu)?; // cp/ep run on CPU ranks only (see run_distributed_training)
+                let grads = sum.finish(&Device::Cpu)?; // the host engine runs on CPU ranks
                 model.step(opt, &grads, lr)?
+            }
+            Engine::CpEpDevice { model, opt } => {
+                let mut grads = NamedTensors::new();
+                for (b, &w) in batches.iter().zip(weights) {
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let local = model.local_batch(b)?;
+                    let o = model.forward_backward(&local)?;
+                    let frac = w / total;
+                    add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
+                    crate::optim::accumulate_scaled(&mut grads, o.grads, frac as f32)
+                        .map_err(crate::model::ModelError::from)?;
+                }
+                opt.step_cp_ep(model, &grads, lr)?
             }
         };
         out.grad_norm = stats.grad_norm;
@@ -997,7 +1038,9 @@ impl Engine {
     /// AdamW steps taken (the checkpoint's `adam_step`).
     fn adam_steps(&self) -> u64 {
         match self {
-            Engine::TpDevice { opt, .. } | Engine::PpDevice { opt, .. } => opt.steps(),
+            Engine::TpDevice { opt, .. } | Engine::PpDevice { opt, .. } | Engine::CpEpDevice { opt, .. } => {
+                opt.steps()
+            }
             Engine::Tp { opt, .. } | Engine::Pp { opt, .. } | Engine::CpEp { opt, .. } => opt.steps(),
         }
     }
@@ -1012,6 +1055,7 @@ impl Engine {
             }
             Engine::TpDevice { model, opt } => opt.restore_shards(&model.params, shards, map)?,
             Engine::PpDevice { model, opt } => opt.restore_shards(&model.params, shards, map)?,
+            Engine::CpEpDevice { model, opt } => opt.restore_shards(&model.params, shards, map)?,
         }
         Ok(())
     }
@@ -1024,6 +1068,7 @@ impl Engine {
             }
             Engine::TpDevice { model, opt } => opt.write_shard(&model.params, &|n| self.owns(n), tmp, rank, map)?,
             Engine::PpDevice { model, opt } => opt.write_shard(&model.params, &|n| self.owns(n), tmp, rank, map)?,
+            Engine::CpEpDevice { model, opt } => opt.write_shard(&model.params, &|n| self.owns(n), tmp, rank, map)?,
         }
         Ok(())
     }
@@ -1036,7 +1081,7 @@ impl Engine {
             Engine::TpDevice { model, opt } => opt.writes(model.counts_in_norm(name), model.dp_rank()),
             Engine::PpDevice { model, opt } => opt.writes(model.counts_in_norm(name), model.dp_rank()),
             Engine::Pp { model, .. } => model.counts_in_norm(name),
-            Engine::CpEp { model, .. } => model.counts_in_norm(name),
+            Engine::CpEp { model, .. } | Engine::CpEpDevice { model, .. } => model.counts_in_norm(name),
         }
     }
 
@@ -1067,7 +1112,7 @@ impl Engine {
                 let l = model.local_from_full(full)?;
                 values(&|f| l.visit_params(f))
             }
-            Engine::CpEp { model, .. } => {
+            Engine::CpEp { model, .. } | Engine::CpEpDevice { model, .. } => {
                 let l = model.local_from_full(full)?;
                 values(&|f| l.visit_params(f))
             }
@@ -1080,7 +1125,7 @@ impl Engine {
         let r = match self {
             Engine::Tp { model, .. } | Engine::TpDevice { model, .. } => model.params.cast_params(dtype),
             Engine::Pp { model, .. } | Engine::PpDevice { model, .. } => model.params.cast_params(dtype),
-            Engine::CpEp { model, .. } => model.params.cast_params(dtype),
+            Engine::CpEp { model, .. } | Engine::CpEpDevice { model, .. } => model.params.cast_params(dtype),
         };
         r.map_err(|e| crate::model::ModelError::from(e).into())
     }
@@ -1104,6 +1149,9 @@ impl Engine {
             }
             Engine::Pp { model, .. } => model.gather_full_params()?,
             Engine::CpEp { model, .. } => model.gather_full_params()?,
+            Engine::CpEpDevice { model, opt } => {
+                model.gather_full(&opt.with_masters(model.params.clone(), &*model.groups().solo)?)?
+            }
         })
     }
 

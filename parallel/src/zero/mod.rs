@@ -6,7 +6,7 @@
 //!
 //! A rank's local parameters (its TP shard, HF names, HF order from [`Qwen3Params::visit`]) are laid end to end
 //! in one flat buffer of `N` f32 values, zero-padded to `N' = ⌈N/d⌉·d` for a DP group of `d` ranks. DP rank `r`
-//! owns the contiguous range `S_r = [r·N'/d, (r+1)·N'/d)` (= [`chunk_range`]`(N', d, r)`, the chunk a
+//! owns the contiguous range `S_r = [r·N'/d, (r+1)·N'/d)` (= [`chunk_range`](crate::comm::chunk_range)`(N', d, r)`, the chunk a
 //! reduce-scatter leaves on rank `r`). A parameter may straddle shard boundaries; each rank steps the pieces that
 //! intersect its range, named by the parameter (the AdamW state of that name has the piece's length).
 //!
@@ -117,7 +117,7 @@ impl ParamSet for Qwen3Params {
 /// Settings of the distributed optimizer (AdamW's betas and eps are in [`AdamWConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ZeroConfig {
-    /// Decoupled weight decay for matrices and embeddings (1-D tensors get none, [`decays`]).
+    /// Decoupled weight decay for matrices and embeddings (1-D tensors get none, [`decays`](crate::optim::decays)).
     pub weight_decay: f64,
     /// Global grad-norm clip; `None` = no clipping (the norm is still computed and reported).
     pub max_grad_norm: Option<f64>,
