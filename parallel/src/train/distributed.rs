@@ -755,6 +755,9 @@ fn pad_rows(b: &Batch, seq: usize) -> Batch {
     }
 }
 
+/// One micro-batch's `(loss, ce_loss, aux_loss, gradients)` on a tp or cp/ep rank.
+type MicroBatchOut = (f64, f64, Option<f64>, NamedTensors);
+
 /// What one distributed step did (identical on every rank).
 struct StepOut {
     loss: f64,
@@ -956,38 +959,46 @@ impl Engine {
                 *out.aux_loss.get_or_insert(0.0) += frac * a;
             }
         };
-        let stats = match self {
-            Engine::Tp { model, opt } => {
-                let dims = *model.dims();
-                let mut sum = GradSum::default();
-                for (b, &w) in batches.iter().zip(weights) {
-                    if w == 0.0 {
-                        continue; // contributes nothing to a token-weighted loss (as in Trainer)
-                    }
-                    let local = split_batch_rows(b, dims.dp(), model.dp_rank())?;
-                    let o = model.forward_backward(&local)?;
-                    let frac = w / total;
-                    add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
-                    sum.add(o.grads, frac as f32)?;
+        // The gradient sum of a tp or cp/ep rank's micro-batches: `Σ_m (W_m/W)·g_m`, on the host (GradSum, the host
+        // engines) or on the gradients' device.
+        let mut micro = |fb: &mut dyn FnMut(&Batch) -> Result<MicroBatchOut>,
+                         on_device: bool,
+                         device: Device|
+         -> Result<NamedTensors> {
+            let (mut host, mut dev) = (GradSum::default(), NamedTensors::new());
+            for (b, &w) in batches.iter().zip(weights) {
+                if w == 0.0 {
+                    continue; // contributes nothing to a token-weighted loss (as in Trainer)
                 }
-                let grads = sum.finish(&model.device())?;
-                opt.step(model, &grads, lr)?
-            }
-            Engine::TpDevice { model, opt } => {
-                let dims = *model.dims();
-                let mut grads = NamedTensors::new();
-                for (b, &w) in batches.iter().zip(weights) {
-                    if w == 0.0 {
-                        continue;
-                    }
-                    let local = split_batch_rows(b, dims.dp(), model.dp_rank())?;
-                    let o = model.forward_backward(&local)?;
-                    let frac = w / total;
-                    add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
-                    crate::optim::accumulate_scaled(&mut grads, o.grads, frac as f32)
+                let (loss, ce, aux, grads) = fb(b)?;
+                let frac = w / total;
+                add_loss(frac, loss, ce, aux);
+                if on_device {
+                    crate::optim::accumulate_scaled(&mut dev, grads, frac as f32)
                         .map_err(crate::model::ModelError::from)?;
+                } else {
+                    host.add(grads, frac as f32)?;
                 }
-                opt.step_tp(model, grads, lr)?
+            }
+            if on_device { Ok(dev) } else { host.finish(&device) }
+        };
+        let on_device = matches!(self, Engine::TpDevice { .. } | Engine::CpEpDevice { .. });
+        let stats = match self {
+            Engine::Tp { model, .. } | Engine::TpDevice { model, .. } => {
+                let (dims, dp_rank) = (*model.dims(), model.dp_rank());
+                let grads = micro(
+                    &mut |b| {
+                        let o = model.forward_backward(&split_batch_rows(b, dims.dp(), dp_rank)?)?;
+                        Ok((o.loss, o.ce_loss, o.aux_loss, o.grads))
+                    },
+                    on_device,
+                    model.device(),
+                )?;
+                match self {
+                    Engine::Tp { model, opt } => opt.step(model, &grads, lr)?,
+                    Engine::TpDevice { model, opt } => opt.step_tp(model, grads, lr)?,
+                    _ => unreachable!("matched above"),
+                }
             }
             Engine::PpDevice { model, opt } => {
                 let o = pipeline_forward_backward(model, batches)?;
@@ -999,35 +1010,20 @@ impl Engine {
                 add_loss(1.0, o.loss, o.ce_loss, o.aux_loss);
                 model.step(opt, &o.grads, lr)?
             }
-            Engine::CpEp { model, opt } => {
-                let mut sum = GradSum::default();
-                for (b, &w) in batches.iter().zip(weights) {
-                    if w == 0.0 {
-                        continue;
-                    }
-                    let local = model.local_batch(b)?;
-                    let o = model.forward_backward(&local)?;
-                    let frac = w / total;
-                    add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
-                    sum.add(o.grads, frac as f32)?;
+            Engine::CpEp { model, .. } | Engine::CpEpDevice { model, .. } => {
+                let grads = micro(
+                    &mut |b| {
+                        let o = model.forward_backward(&model.local_batch(b)?)?;
+                        Ok((o.loss, o.ce_loss, o.aux_loss, o.grads))
+                    },
+                    on_device,
+                    model.device(),
+                )?;
+                match self {
+                    Engine::CpEp { model, opt } => model.step(opt, &grads, lr)?,
+                    Engine::CpEpDevice { model, opt } => opt.step_cp_ep(model, &grads, lr)?,
+                    _ => unreachable!("matched above"),
                 }
-                let grads = sum.finish(&Device::Cpu)?; // the host engine runs on CPU ranks
-                model.step(opt, &grads, lr)?
-            }
-            Engine::CpEpDevice { model, opt } => {
-                let mut grads = NamedTensors::new();
-                for (b, &w) in batches.iter().zip(weights) {
-                    if w == 0.0 {
-                        continue;
-                    }
-                    let local = model.local_batch(b)?;
-                    let o = model.forward_backward(&local)?;
-                    let frac = w / total;
-                    add_loss(frac, o.loss, o.ce_loss, o.aux_loss);
-                    crate::optim::accumulate_scaled(&mut grads, o.grads, frac as f32)
-                        .map_err(crate::model::ModelError::from)?;
-                }
-                opt.step_cp_ep(model, &grads, lr)?
             }
         };
         out.grad_norm = stats.grad_norm;

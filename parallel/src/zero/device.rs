@@ -29,12 +29,12 @@ use std::ops::Range;
 
 use qkernels::{DType, Device, Tensor, ops};
 
-use super::layout::{FlatLayout, global_norm};
+use super::layout::{FlatLayout, norm_and_clip};
 use super::{ParamSet, Result, ShardPiece, StepStats, ZeroConfig, ZeroError};
 use crate::comm::tensor::{all_gather_rows, reduce_scatter_rows};
 use crate::comm::{Communicator, ReduceOp};
 use crate::model::NamedTensors;
-use crate::optim::{AdamWConfig, OptimError, clip_coefficient};
+use crate::optim::{AdamWConfig, OptimError};
 
 /// One piece of a shard on the host: `(parameter name, its elements in the parameter, [master, exp_avg,
 /// exp_avg_sq])`.
@@ -269,18 +269,10 @@ impl DeviceDistributedOptimizer {
         } else {
             ops::sum_squares(&counted)?
         };
-        let grad_norm = global_norm(local, dp, norm_groups)?;
-        if !grad_norm.is_finite() {
-            return Ok(StepStats {
-                grad_norm,
-                clip_coef: 1.0,
-                skipped: true,
-            });
+        let stats = norm_and_clip(local, dp, norm_groups, self.config.max_grad_norm)?;
+        if stats.skipped {
+            return Ok(stats);
         }
-        let clip_coef = self
-            .config
-            .max_grad_norm
-            .map_or(1.0, |m| clip_coefficient(grad_norm, m));
         // 3. AdamW on the pieces, writing each piece's weight in the parameters' dtype.
         let t = self.steps + 1;
         let (b1, b2, eps) = (self.adam.beta1, self.adam.beta2, self.adam.eps);
@@ -307,7 +299,7 @@ impl DeviceDistributedOptimizer {
                 decay: ops::AdamWScalars::new(b1, b2, eps, lr, decay, t).decay,
             });
         }
-        ops::adamw::adamw_step_multi(&mut list, &shared, clip_coef)?;
+        ops::adamw::adamw_step_multi(&mut list, &shared, stats.clip_coef)?;
         drop(list);
         drop(piece_grads);
         // 4. All-gather the updated weights into every rank's parameters.
@@ -318,11 +310,7 @@ impl DeviceDistributedOptimizer {
             .collect();
         self.gather_into(params, dp, &weights, dtype)?;
         self.steps = t;
-        Ok(StepStats {
-            grad_norm,
-            clip_coef,
-            skipped: false,
-        })
+        Ok(stats)
     }
 
     /// The one dtype of every parameter of `params` (checked against the layout's count).

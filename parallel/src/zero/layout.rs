@@ -10,9 +10,9 @@
 
 use std::ops::Range;
 
-use super::{ParamSet, Result, ShardPiece, ZeroError};
+use super::{ParamSet, Result, ShardPiece, StepStats, ZeroError};
 use crate::comm::{Communicator, ReduceOp, chunk_range};
-use crate::optim::{OptimError, decays};
+use crate::optim::{OptimError, clip_coefficient, decays};
 
 /// One parameter's place in the flat buffer.
 #[derive(Debug, Clone)]
@@ -199,19 +199,31 @@ impl FlatLayout {
     }
 }
 
-/// The global gradient norm from this rank's partial sum of squares: all-reduced (f32 on the wire) over `dp`,
+/// The global gradient norm from this rank's partial sum of squares — all-reduced (f32 on the wire) over `dp`,
 /// then over every group of `norm_groups` (the model-parallel groups whose ranks hold different parts of the
-/// model). Collective over all of them.
-pub(crate) fn global_norm(
+/// model) — and what a step does with it: torch's clipping factor for `max_grad_norm` (`None`: 1), or
+/// `skipped` when the norm is not finite. Collective over all the groups.
+pub(crate) fn norm_and_clip(
     local_sumsq: f64,
     dp: &dyn Communicator,
     norm_groups: &[&dyn Communicator],
-) -> Result<f64> {
+    max_grad_norm: Option<f64>,
+) -> Result<StepStats> {
     let mut total = [local_sumsq as f32];
     for c in std::iter::once(dp).chain(norm_groups.iter().copied()) {
         if c.size() > 1 {
             c.all_reduce(&mut total, ReduceOp::Sum)?;
         }
     }
-    Ok((total[0] as f64).sqrt())
+    let grad_norm = (total[0] as f64).sqrt();
+    let skipped = !grad_norm.is_finite();
+    let clip_coef = match max_grad_norm {
+        Some(m) if !skipped => clip_coefficient(grad_norm, m),
+        _ => 1.0,
+    };
+    Ok(StepStats {
+        grad_norm,
+        clip_coef,
+        skipped,
+    })
 }

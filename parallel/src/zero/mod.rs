@@ -37,11 +37,11 @@ use std::ops::Range;
 use thiserror::Error;
 
 pub use device::DeviceDistributedOptimizer;
-use layout::{FlatLayout, global_norm};
+use layout::{FlatLayout, norm_and_clip};
 
 use crate::comm::{CommError, Communicator, ReduceOp};
 use crate::model::{NamedTensors, Qwen3Params};
-use crate::optim::{AdamW, AdamWConfig, AdamWState, OptimError, ParamSlot, clip_coefficient};
+use crate::optim::{AdamW, AdamWConfig, AdamWState, OptimError, ParamSlot};
 use crate::tensor_parallel::{TpError, TpModel};
 
 /// Errors of the distributed optimizer.
@@ -428,18 +428,11 @@ impl DistributedOptimizer {
                     .sum::<f64>()
             })
             .sum();
-        let grad_norm = global_norm(sumsq, dp, norm_groups)?;
-        if !grad_norm.is_finite() {
-            return Ok(StepStats {
-                grad_norm,
-                clip_coef: 1.0,
-                skipped: true,
-            });
+        let stats = norm_and_clip(sumsq, dp, norm_groups, self.config.max_grad_norm)?;
+        if stats.skipped {
+            return Ok(stats);
         }
-        let clip_coef = self
-            .config
-            .max_grad_norm
-            .map_or(1.0, |m| clip_coefficient(grad_norm, m));
+        let clip_coef = stats.clip_coef;
         if clip_coef != 1.0 {
             g.iter_mut().for_each(|x| *x *= clip_coef);
         }
@@ -465,10 +458,6 @@ impl DistributedOptimizer {
         // 4. All-gather the updated shards into every rank's parameters.
         self.gather_into(params, dp, None)?;
         self.steps += 1;
-        Ok(StepStats {
-            grad_norm,
-            clip_coef,
-            skipped: false,
-        })
+        Ok(stats)
     }
 }
