@@ -57,7 +57,7 @@ use qkernels::{KernelError, Tensor};
 use thiserror::Error;
 
 use super::nccl::{DeviceBuffer, NcclCommunicator, NcclError, NcclIdStore};
-use super::{CommError, CommResult, Communicator, ReduceOp};
+use super::{CommError, CommExt, CommResult, Communicator, ReduceOp};
 use crate::model::NamedTensors;
 
 /// Errors of the tensor collectives.
@@ -158,6 +158,37 @@ pub fn reduce_scatter_rows(x: &Tensor, comm: &dyn Communicator, op: ReduceOp) ->
     let mut out = vec![0f32; r / p * c];
     comm.reduce_scatter(&x.to_vec_f32()?, &mut out, op)?;
     from_host(out, &[r / p, c], x)
+}
+
+/// All-to-all of rows: `x [Σ_k send_rows[k], c]` holds, in rank order, the `send_rows[k]` rows for group rank `k`;
+/// the result `[Σ_k recv_rows[k], c]` holds, in rank order, the rows every rank `k` sent here (`recv_rows[k]` of
+/// them), in `x`'s dtype. Through NCCL (grouped send/recv) on a GPU with a device side, host vectors otherwise.
+/// A permutation of rows across the ranks, so its adjoint is its inverse: the same call with the counts swapped
+/// (EP's dispatch ↔ combine).
+pub fn all_to_all_rows(
+    x: &Tensor,
+    send_rows: &[usize],
+    recv_rows: &[usize],
+    comm: &dyn Communicator,
+) -> Result<Tensor> {
+    let (r, c) = rows_cols("all_to_all_rows", x)?;
+    let p = comm.size();
+    if send_rows.len() != p || recv_rows.len() != p || send_rows.iter().sum::<usize>() != r {
+        return Err(TensorCommError::Shape {
+            op: "all_to_all_rows",
+            detail: format!("{r} rows, send counts {send_rows:?}, receive counts {recv_rows:?}, {p} ranks"),
+        });
+    }
+    let rows_out: usize = recv_rows.iter().sum();
+    let times = |counts: &[usize]| counts.iter().map(|n| n * c).collect::<Vec<_>>();
+    if let Some((s, d)) = device_side(x, comm) {
+        let input = DeviceBuffer::from_storage(s.clone()); // read only
+        let mut out = DeviceBuffer::from_storage(CudaStorage::alloc(s.dev(), &[rows_out, c], s.dtype())?);
+        d.all_to_all_v(&input, &times(send_rows), &mut out, &times(recv_rows))?;
+        return Ok(Tensor::from_cuda_storage(out.into_storage()));
+    }
+    let out = comm.all_to_all_v_vec(&x.to_vec_f32()?, &times(send_rows), &times(recv_rows))?;
+    from_host(out, &[rows_out, c], x)
 }
 
 /// Point-to-point: `x` to rank `peer` of `comm` — its device buffer, in its dtype, through NCCL when `x` is on a
@@ -375,6 +406,33 @@ mod tests {
 
     fn t(v: Vec<f32>, shape: &[usize]) -> Tensor {
         Tensor::from_f32(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Rank `r` sends `r + k + 1` rows to rank `k` (row value `100·r + 10·k + i`); rank `k` must receive, in rank
+    /// order, exactly those rows; the swapped call brings every row home; counts that do not match are refused.
+    #[test]
+    fn all_to_all_rows_moves_uneven_blocks_and_its_inverse_brings_them_back() {
+        let p = 3;
+        ranks(p, |r, c| {
+            let send: Vec<usize> = (0..p).map(|k| r + k + 1).collect();
+            let recv: Vec<usize> = (0..p).map(|s| s + r + 1).collect();
+            let mut rows = Vec::new();
+            for (k, &n) in send.iter().enumerate() {
+                rows.extend((0..n).flat_map(|i| [(100 * r + 10 * k + i) as f32, -1.0]));
+            }
+            let x = t(rows.clone(), &[send.iter().sum(), 2]);
+            let y = all_to_all_rows(&x, &send, &recv, &c).unwrap();
+            let mut want = Vec::new();
+            for (s, &n) in recv.iter().enumerate() {
+                want.extend((0..n).flat_map(|i| [(100 * s + 10 * r + i) as f32, -1.0]));
+            }
+            assert_eq!(y.shape(), &[recv.iter().sum::<usize>(), 2]);
+            assert_eq!(y.to_vec_f32().unwrap(), want, "rank {r}");
+            let back = all_to_all_rows(&y, &recv, &send, &c).unwrap();
+            assert_eq!(back.to_vec_f32().unwrap(), rows, "rank {r}: the inverse");
+            let bad = all_to_all_rows(&x, &recv[..2], &send, &c).unwrap_err();
+            assert!(matches!(bad, TensorCommError::Shape { op: "all_to_all_rows", .. }), "{bad}");
+        });
     }
 
     #[test]

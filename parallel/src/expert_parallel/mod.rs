@@ -61,17 +61,20 @@
 //!
 //! # Limits
 //!
-//! Counts travel as f32 (exact below 2²⁴ rows). Rows move through host memory, also on GPUs (downloaded, exchanged
-//! through the group's host collectives, uploaded back in the activations' dtype); a device implementation would
-//! permute on the GPU and hand device views to NCCL (`all_to_all_v` on device buffers exists). No capacity factor /
-//! token dropping (HF Qwen3-MoE has none).
+//! Counts travel as f32 (exact below 2²⁴ rows). Without ETP (`Q = 1`) the rows stay tensors: the EP all-to-all-v
+//! is [`all_to_all_rows`] (NCCL grouped send/recv on device buffers when the rows are on a GPU) and the regroup is
+//! a row gather ([`ops::embedding_fwd`] with the order as ids; the inverse regroup gathers by the inverse
+//! permutation). With `Q > 1` rows move through host memory (downloaded, exchanged through the groups' host
+//! collectives, uploaded back in the activations' dtype). No capacity factor / token dropping (HF Qwen3-MoE has
+//! none).
 
 use crate::model::moe::expert_weights;
 use qkernels::Tensor;
 use qkernels::ops::{self, MoePlan, RouterOut, RouterStats};
 use thiserror::Error;
 
-use crate::comm::{CommError, CommExt, Communicator};
+use crate::comm::tensor::all_to_all_rows;
+use crate::comm::{CommError, CommExt, Communicator, TensorCommError};
 use crate::dims::{DimsError, ParallelDims};
 use crate::model::moe::AuxLossGrad;
 use crate::model::{Mlp, ModelError, SparseMoe};
@@ -96,6 +99,16 @@ pub enum EpError {
 impl From<qkernels::KernelError> for EpError {
     fn from(e: qkernels::KernelError) -> Self {
         EpError::Model(ModelError::Kernel(e))
+    }
+}
+
+impl From<TensorCommError> for EpError {
+    fn from(e: TensorCommError) -> Self {
+        match e {
+            TensorCommError::Comm(c) => EpError::Comm(c),
+            TensorCommError::Kernel(k) => EpError::from(k),
+            TensorCommError::Shape { op, detail } => EpError::Layout(format!("{op}: {detail}")),
+        }
     }
 }
 
@@ -408,6 +421,15 @@ impl ExpertRoute {
     /// docs). Used on the activations in forward and on `dyp` in backward. Collective over EP and ETP.
     pub fn dispatch(&self, x: &Tensor, groups: ExpertGroups<'_>) -> Result<Tensor> {
         let w = self.width(x, self.send_rows.iter().sum(), "dispatch")?;
+        if self.etp == 1 {
+            // Rows stay tensors: the all-to-all on the device (NCCL) when `x` is on a GPU, the regroup a row gather.
+            let xr = if self.ep > 1 {
+                all_to_all_rows(x, &self.send_rows, &self.recv_rows, groups.ep)?
+            } else {
+                x.clone()
+            };
+            return Ok(ops::embedding_fwd(&self.row_ids(&self.order, &x.device())?, &xr)?);
+        }
         let data = x.to_vec_f32()?;
         let xr = if self.ep > 1 {
             groups.ep.all_to_all_v_vec(
@@ -439,6 +461,19 @@ impl ExpertRoute {
     /// Collective over ETP and EP.
     pub fn combine(&self, y: &Tensor, groups: ExpertGroups<'_>) -> Result<Tensor> {
         let w = self.width(y, self.order.len(), "combine")?;
+        if self.etp == 1 {
+            // The inverse of `dispatch`: un-regroup (a gather by the inverse permutation), then the all-to-all back.
+            let mut inverse = vec![0usize; self.order.len()];
+            for (i, &r) in self.order.iter().enumerate() {
+                inverse[r] = i;
+            }
+            let yg = ops::embedding_fwd(&self.row_ids(&inverse, &y.device())?, y)?;
+            return Ok(if self.ep > 1 {
+                all_to_all_rows(&yg, &self.recv_rows, &self.send_rows, groups.ep)?
+            } else {
+                yg
+            });
+        }
         let yg = scatter_rows(&y.to_vec_f32()?, w, &self.order);
         let mine: usize = self.recv_rows.iter().sum();
         let yr = if self.etp > 1 {
@@ -469,6 +504,13 @@ impl ExpertRoute {
         };
         let rows = self.send_rows.iter().sum();
         Ok(Tensor::from_f32_as(yp, &[rows, w], &y.device(), y.dtype())?)
+    }
+
+    /// `ids` as a u32 index tensor on `device` (the rows a gather takes).
+    fn row_ids(&self, ids: &[usize], device: &qkernels::Device) -> Result<Tensor> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let n = ids.len();
+        Ok(Tensor::from_u32(ids, &[n], device)?)
     }
 
     fn width(&self, x: &Tensor, rows: usize, op: &str) -> Result<usize> {
