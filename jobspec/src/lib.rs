@@ -471,8 +471,9 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
 impl JobSpec {
     /// Refuses valid specs that this build cannot run yet, naming the key, so a cluster job fails at
     /// submit time instead of in its rank processes. Training runs on any number of ranks with the layouts the
-    /// engine has a model for (`qparallel::train::EngineKind`): dp × tp (± sp) × pp (× vpp), or dp × cp × ep × etp
-    /// with tp = pp = 1; LoRA adapters train on one rank only.
+    /// engine has a model for (`qparallel::train::EngineKind`): dp × tp (± sp) × pp (× vpp), dp × tp × ep (× etp)
+    /// with sp when tp > 1 and pp = cp = 1, or dp × cp × ep × etp with tp = pp = 1; LoRA adapters train on one rank
+    /// only.
     pub fn check_runnable(&self, source_name: &str) -> Result<(), JobSpecError> {
         let refuse = |key: &str, message: String| {
             Err(JobSpecError::Invalid { source_name: source_name.to_string(), key: key.into(), message })
@@ -491,13 +492,22 @@ impl JobSpec {
             );
         }
         let p = &self.parallel;
-        if (p.cp > 1 || p.ep > 1) && (p.tp > 1 || p.pp > 1) {
+        if (p.cp > 1 && (p.tp > 1 || p.pp > 1)) || (p.ep > 1 && p.pp > 1) {
             return refuse(
                 "parallel",
                 format!(
-                    "cp {} / ep {} together with tp {} / pp {}: training runs context and expert parallelism with \
-                     tp = pp = 1 only",
+                    "cp {} / ep {} together with tp {} / pp {}: training runs context parallelism with tp = pp = 1, \
+                     expert parallelism with pp = 1 and either tp or cp",
                     p.cp, p.ep, p.tp, p.pp
+                ),
+            );
+        }
+        if p.ep > 1 && p.tp > 1 && !p.sp {
+            return refuse(
+                "sp",
+                format!(
+                    "ep {} with tp {} needs sequence parallelism (`sp: true`): every rank then routes its own tokens",
+                    p.ep, p.tp
                 ),
             );
         }
@@ -961,13 +971,25 @@ dataset: [d.jsonl, /abs/e.jsonl]\noutput_dir: out\nresume: ckpt/checkpoint-4\ntr
     #[test]
     fn multi_rank_training_runs_except_layouts_without_a_model() {
         let y = "name: pt\nkind: pretrain\nresources: {ranks: 4}\nmodel: m\ndataset: d.jsonl\ntrain_iters: 3\n";
-        for parallel in ["", "parallel: {tp: 2}\n", "parallel: {tp: 2, pp: 2, sp: true}\n", "parallel: {cp: 2, ep: 2}\n"] {
+        for parallel in [
+            "",
+            "parallel: {tp: 2}\n",
+            "parallel: {tp: 2, pp: 2, sp: true}\n",
+            "parallel: {cp: 2, ep: 2}\n",
+            "parallel: {tp: 2, ep: 2, sp: true}\n",
+        ] {
             let s = JobSpec::parse(&format!("{y}{parallel}"), "j.yaml").unwrap();
             assert_eq!(s.check_runnable("j.yaml"), Ok(()), "{parallel}");
         }
         let mixed = JobSpec::parse(&format!("{y}parallel: {{tp: 2, cp: 2}}\n"), "j.yaml").unwrap();
         let e = mixed.check_runnable("j.yaml").unwrap_err().to_string();
         assert!(e.contains("j.yaml: key `parallel`") && e.contains("tp = pp = 1"), "{e}");
+        let ep_pp = JobSpec::parse(&format!("{y}parallel: {{pp: 2, ep: 2}}\n"), "j.yaml").unwrap();
+        let e = ep_pp.check_runnable("j.yaml").unwrap_err().to_string();
+        assert!(e.contains("key `parallel`") && e.contains("pp = 1"), "{e}");
+        let ep_tp = JobSpec::parse(&format!("{y}parallel: {{tp: 2, ep: 2}}\n"), "j.yaml").unwrap();
+        let e = ep_tp.check_runnable("j.yaml").unwrap_err().to_string();
+        assert!(e.contains("j.yaml: key `sp`") && e.contains("sequence parallelism"), "{e}");
         let lora = JobSpec::parse(&format!("{y}train_type: lora\n"), "j.yaml").unwrap();
         let e = lora.check_runnable("j.yaml").unwrap_err().to_string();
         assert!(e.contains("j.yaml: key `train_type`") && e.contains("4 ranks"), "{e}");

@@ -456,6 +456,57 @@ fn moe_cp2_and_ep2_dp2_on_the_device_engine_equal_the_single_rank_run() {
     check_layout_with("qwen3-moe-tiny.json", 4, ParallelConfig { ep: 2, ..Default::default() }, 1, 2, on_device);
 }
 
+/// Expert parallelism inside the TP model (ep with tp and sp, the 30B-A3B `ep·tp` layouts): ep2·tp2 with
+/// etp = tp (each rank its own expert shard, expert-dp 1) and with etp 1 (whole experts, expert-dp 2) equal the
+/// single-rank run, with its metrics and a single-rank-format checkpoint; the same on the device engine; ep with
+/// tp but without sp is refused naming `sp`.
+#[test]
+fn moe_ep2_tp2_with_sp_equals_the_single_rank_run() {
+    let layout = |etp| ParallelConfig {
+        tp: 2,
+        ep: 2,
+        etp: Some(etp),
+        sp: true,
+        ..Default::default()
+    };
+    check_layout("qwen3-moe-tiny.json", 4, layout(2), 1, 2);
+    check_layout("qwen3-moe-tiny.json", 4, layout(1), 1, 2);
+    check_layout_with("qwen3-moe-tiny.json", 4, layout(2), 1, 2, |c| c.optimizer_on_device = true);
+
+    // An ep2·tp2 checkpoint resumes under ep2 (the cp/ep engine) as if uninterrupted.
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(tmp.path(), 40, 0x5EED_0E92, 40);
+    let want = run_training(
+        &config("qwen3-moe-tiny.json", &corpus, &tmp.path().join("one"), 4, 2, 2),
+        &mut NoProgress,
+    )
+    .unwrap();
+    let out = tmp.path().join("ep2tp2-then-ep2");
+    let mut first = config("qwen3-moe-tiny.json", &corpus, &out, 4, 1, 2);
+    first.save_steps = 2;
+    let got = run_distributed(dims(4, layout(2)), &first, &mut StopAfter(2));
+    assert_losses_match("ep2·tp2 steps 1–2", &got.losses, &want.losses[..2]);
+    let ep2 = ParallelConfig {
+        ep: 2,
+        ..Default::default()
+    };
+    // ep2 on 2 ranks folds over dp 2: micro-batch 1 per rank keeps the global batch.
+    let second = run_distributed(dims(2, ep2), &config("qwen3-moe-tiny.json", &corpus, &out, 4, 1, 2), &mut NoProgress);
+    assert_eq!(second.resumed_from, Some(out.join("checkpoint-2")));
+    assert_losses_match("ep2 resumed from ep2·tp2", &second.losses, &want.losses[2..]);
+
+    let cfg = config("qwen3-moe-tiny.json", &corpus, &tmp.path().join("no-sp"), 2, 1, 1);
+    let no_sp = ParallelConfig {
+        tp: 2,
+        ep: 2,
+        ..Default::default()
+    };
+    for r in run_ranks_with(dims(4, no_sp), &cfg, &mut NoProgress) {
+        let e = r.unwrap_err();
+        assert!(matches!(e, TrainError::Invalid { key: "sp", .. }), "{e}");
+    }
+}
+
 /// SFT rows (unpacked) have the length of their longest sample, so micro-batches differ in length: the pipeline
 /// pads them to one shape and sequence parallelism to an even token count, which changes no loss.
 #[test]

@@ -238,7 +238,7 @@ def main():
         cfg = model_config("qwen3-30b-a3b", layers=12)
         rows = [f"moe: Qwen3-30B-A3B shape, 12 layers, seq 4096 global batch {4 * n}, 6 steps "
                 f"(Megatron-Bridge: 8,655 tokens/s/GPU on H100, EP16)"]
-        for name, par in [(f"ep{n}", {"ep": n}), (f"ep{n // 2}.tp2", {"ep": n // 2, "tp": 2})]:
+        for name, par in [(f"ep{n}", {"ep": n}), (f"ep{n // 2}.tp2", {"ep": n // 2, "tp": 2, "sp": "true"})]:
             lines, wall = run_job("moe", name, job_yaml(f"moe-{name}", cfg, data, 4096, 1, 4 * n, 6, par), n, 540)
             mfu = statistics.median([m["mfu"] for m in lines[2:]]) if len(lines) > 2 else 0.0
             rows.append(f"  {name:14s} {tokens_per_gpu(lines, n):9.0f} tokens/s/GPU  MFU {mfu:.1%} "

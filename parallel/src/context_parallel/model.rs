@@ -13,22 +13,23 @@
 //! See the [module docs](super) and [`crate::expert_parallel`] for the maths and the collective pairs.
 
 use qkernels::ops::{self, RopeTable, RouterStats};
-use qkernels::{DType, Device, Tensor};
+use qkernels::{Device, Tensor};
 
 use super::{CpAttention, CpBatch, CpError, Result, shard_batch};
 use crate::comm::{Communicator, ReduceOp};
 use crate::dims::{GroupKind, ModelShape, ParallelDims};
 use crate::expert_parallel::{
-    EpMoeSaved, ExpertGroups, ExpertLayout, moe_backward, moe_forward, shard_moe, unshard_moe,
+    EpMoeSaved, ExpertGroups, ExpertLayout, gather_experts, is_expert_param, moe_backward, moe_forward,
+    reduce_split, shard_experts,
 };
 use crate::model::attention::{AttentionCore, AttentionSaved, LocalAttention};
 use crate::model::layer::{LayerCtx, rope_and_segments};
 use crate::model::mlp::MlpSaved;
 use crate::model::moe::{AuxLossGrad, all_reduce_router_stats};
 use crate::model::params::{NamedMismatch, fill_from_named};
-use crate::model::{Batch, DecoderLayer, Ffn, ModelConfig, NamedTensors, Qwen3Params, SparseMoe};
+use crate::model::{Batch, DecoderLayer, Ffn, ModelConfig, NamedTensors, Qwen3Params};
 use crate::optim::AdamWConfig;
-use crate::tensor_parallel::{TpError, split_batch_rows};
+use crate::tensor_parallel::split_batch_rows;
 use crate::zero::{DeviceDistributedOptimizer, DistributedOptimizer, StepStats, ZeroConfig};
 
 /// The communicators of one rank (every one a group of one when its dimension is 1).
@@ -195,10 +196,6 @@ fn routing_of(cfg: &ModelConfig) -> (usize, bool) {
         .map_or((1, false), |m| (m.num_experts_per_tok, m.norm_topk_prob))
 }
 
-/// Is `name` an expert weight (`…mlp.experts.{e}.…`)?
-pub(crate) fn is_expert_param(name: &str) -> bool {
-    name.contains(".mlp.experts.")
-}
 
 impl CpEpModel {
     /// Slices the full parameters (HF layout) for global rank `rank` and wraps them with its groups.
@@ -256,14 +253,10 @@ impl CpEpModel {
         let experts = moe
             .map(|m| ExpertLayout::from_dims(&dims, rank, m.num_experts, m.moe_intermediate_size))
             .transpose()?;
-        let mut params = full.clone();
-        if let Some(layout) = &experts {
-            for l in &mut params.layers {
-                if let Ffn::Moe(m) = &l.mlp {
-                    l.mlp = Ffn::Moe(shard_moe(m, layout)?);
-                }
-            }
-        }
+        let params = match &experts {
+            Some(layout) => shard_experts(full, layout)?,
+            None => full.clone(),
+        };
         Ok(CpEpModel {
             config: config.clone(),
             device: full.embed_tokens.device(),
@@ -354,37 +347,7 @@ impl CpEpModel {
     /// to end, on their device (NCCL on GPUs). Afterwards every replica holds the gradient of the global loss.
     /// Collective over dp-cp and expert-dp.
     pub fn reduce_grads(&self, grads: &NamedTensors) -> Result<NamedTensors> {
-        let mut out = grads.clone();
-        for (expert, group) in [
-            (false, &*self.groups.dp_cp),
-            (true, &*self.groups.expert_dp),
-        ] {
-            let names: Vec<&String> = grads
-                .keys()
-                .filter(|n| is_expert_param(n) == expert)
-                .collect();
-            if group.size() == 1 || names.is_empty() {
-                continue;
-            }
-            let parts = names
-                .iter()
-                .map(|n| {
-                    let t = grads[*n].reshape(&[grads[*n].elem_count()])?;
-                    if t.dtype() == DType::F32 { Ok(t) } else { t.to_dtype(DType::F32) }
-                })
-                .collect::<qkernels::Result<Vec<_>>>()?;
-            let refs: Vec<&Tensor> = parts.iter().collect();
-            let flat = Tensor::cat(&refs, 0)?;
-            let summed = crate::comm::tensor::all_reduce(&flat, group, ReduceOp::Sum).map_err(TpError::from)?;
-            let mut off = 0;
-            for n in names {
-                let t = &grads[n];
-                let len = t.elem_count();
-                out.insert(n.clone(), summed.narrow(0, off, len)?.reshape(t.shape())?);
-                off += len;
-            }
-        }
-        Ok(out)
+        Ok(reduce_split(grads, &*self.groups.dp_cp, &*self.groups.expert_dp)?)
     }
 
     /// Does `name` count in the global gradient norm on this rank? Each element of the global model once: replicated
@@ -466,15 +429,10 @@ impl CpEpModel {
     /// MoE experts, which become this rank's [`ExpertLayout`] shards (no communication). The inverse of
     /// [`gather_full`](Self::gather_full).
     pub fn local_from_full(&self, full: &Qwen3Params) -> Result<Qwen3Params> {
-        let mut params = full.clone();
-        if let Some(layout) = &self.experts {
-            for l in &mut params.layers {
-                if let Ffn::Moe(m) = &l.mlp {
-                    l.mlp = Ffn::Moe(shard_moe(m, layout)?);
-                }
-            }
+        match &self.experts {
+            Some(layout) => Ok(shard_experts(full, layout)?),
+            None => Ok(full.clone()),
         }
-        Ok(params)
     }
 
     /// The full (HF-layout) parameters. Collective over the etp-ep group.
@@ -486,66 +444,10 @@ impl CpEpModel {
     /// the full HF layout: the expert shards over the etp-ep group ([`unshard_moe`]); everything else is
     /// replicated and taken as is. Collective over the etp-ep group.
     pub fn gather_full(&self, local: &Qwen3Params) -> Result<Qwen3Params> {
-        let Some(layout) = &self.experts else {
-            return Ok(local.clone());
-        };
-        let g = &*self.groups.etp_ep;
-        let mut mine = Vec::new();
-        let mut shapes = Vec::new();
-        for l in &local.layers {
-            if let Ffn::Moe(m) = &l.mlp {
-                for e in &m.experts {
-                    for t in [&e.gate_proj, &e.up_proj, &e.down_proj] {
-                        mine.extend(t.to_vec_f32()?);
-                        shapes.push(t.shape().to_vec());
-                    }
-                }
-            }
+        match &self.experts {
+            Some(layout) => Ok(gather_experts(local, layout, &*self.groups.etp_ep, self.device)?),
+            None => Ok(local.clone()),
         }
-        let mut all = vec![0f32; mine.len() * g.size()];
-        g.all_gather(&mine, &mut all)?;
-        let mut out = local.clone();
-        let dev = self.device;
-        let per_rank: Vec<&[f32]> = if mine.is_empty() {
-            vec![&[]; g.size()]
-        } else {
-            all.chunks(mine.len()).collect()
-        };
-        // Walk the MoE layers; for each, rebuild every rank's share and unshard.
-        let mut cursor = vec![0usize; g.size()];
-        let mut shape_i = 0;
-        for l in &mut out.layers {
-            let Ffn::Moe(m) = &l.mlp else { continue };
-            let el = m.experts.len();
-            let mut parts = Vec::with_capacity(g.size());
-            for (r, data) in per_rank.iter().enumerate() {
-                let mut experts = Vec::with_capacity(el);
-                let mut si = shape_i;
-                for _ in 0..el {
-                    let mut take = || -> Result<Tensor> {
-                        let shape = &shapes[si];
-                        let n: usize = shape.iter().product();
-                        let t =
-                            Tensor::from_f32(data[cursor[r]..cursor[r] + n].to_vec(), shape, &dev)?;
-                        cursor[r] += n;
-                        si += 1;
-                        Ok(t)
-                    };
-                    experts.push(crate::model::Mlp {
-                        gate_proj: take()?,
-                        up_proj: take()?,
-                        down_proj: take()?,
-                    });
-                }
-                parts.push(SparseMoe {
-                    gate: m.gate.clone(),
-                    experts,
-                });
-            }
-            shape_i += 3 * el;
-            l.mlp = Ffn::Moe(unshard_moe(&parts, layout.ep, layout.etp)?);
-        }
-        Ok(out)
     }
 
     fn head_weight(&self) -> &Tensor {

@@ -69,15 +69,15 @@
 //! none).
 
 use crate::model::moe::expert_weights;
-use qkernels::Tensor;
 use qkernels::ops::{self, MoePlan, RouterOut, RouterStats};
+use qkernels::{Device, Tensor};
 use thiserror::Error;
 
 use crate::comm::tensor::all_to_all_rows;
 use crate::comm::{CommError, CommExt, Communicator, TensorCommError};
 use crate::dims::{DimsError, ParallelDims};
 use crate::model::moe::AuxLossGrad;
-use crate::model::{Mlp, ModelError, SparseMoe};
+use crate::model::{Ffn, Mlp, ModelError, Qwen3Params, SparseMoe};
 
 /// Errors of expert parallelism.
 #[derive(Debug, Error)]
@@ -257,6 +257,122 @@ pub fn unshard_moe(parts: &[SparseMoe], ep: usize, etp: usize) -> Result<SparseM
         gate: parts[0].gate.clone(),
         experts,
     })
+}
+
+/// `local` (laid out like a rank's parameters: its expert shards, everything else whole) with every MoE layer's
+/// experts gathered over the etp-ep group `group` and unsharded ([`unshard_moe`]) into the full HF experts; the
+/// other tensors are taken as they are. Collective over `group`.
+pub fn gather_experts(
+    local: &Qwen3Params,
+    layout: &ExpertLayout,
+    group: &dyn Communicator,
+    device: Device,
+) -> Result<Qwen3Params> {
+    let mut mine = Vec::new();
+    let mut shapes = Vec::new();
+    for l in &local.layers {
+        if let Ffn::Moe(m) = &l.mlp {
+            for e in &m.experts {
+                for t in [&e.gate_proj, &e.up_proj, &e.down_proj] {
+                    mine.extend(t.to_vec_f32()?);
+                    shapes.push(t.shape().to_vec());
+                }
+            }
+        }
+    }
+    let mut all = vec![0f32; mine.len() * group.size()];
+    group.all_gather(&mine, &mut all)?;
+    let mut out = local.clone();
+    let per_rank: Vec<&[f32]> = if mine.is_empty() {
+        vec![&[]; group.size()]
+    } else {
+        all.chunks(mine.len()).collect()
+    };
+    // Walk the MoE layers; for each, rebuild every rank's share and unshard.
+    let mut cursor = vec![0usize; group.size()];
+    let mut shape_i = 0;
+    for l in &mut out.layers {
+        let Ffn::Moe(m) = &l.mlp else { continue };
+        let el = m.experts.len();
+        let mut parts = Vec::with_capacity(group.size());
+        for (r, data) in per_rank.iter().enumerate() {
+            let mut experts = Vec::with_capacity(el);
+            let mut si = shape_i;
+            for _ in 0..el {
+                let mut take = || -> Result<Tensor> {
+                    let shape = &shapes[si];
+                    let n: usize = shape.iter().product();
+                    let t = Tensor::from_f32(data[cursor[r]..cursor[r] + n].to_vec(), shape, &device)?;
+                    cursor[r] += n;
+                    si += 1;
+                    Ok(t)
+                };
+                experts.push(Mlp {
+                    gate_proj: take()?,
+                    up_proj: take()?,
+                    down_proj: take()?,
+                });
+            }
+            parts.push(SparseMoe {
+                gate: m.gate.clone(),
+                experts,
+            });
+        }
+        shape_i += 3 * el;
+        l.mlp = Ffn::Moe(unshard_moe(&parts, layout.ep, layout.etp)?);
+    }
+    Ok(out)
+}
+
+/// Is `name` an expert shard (an `…mlp.experts.j.*` tensor)?
+pub fn is_expert_param(name: &str) -> bool {
+    name.contains(".mlp.experts.")
+}
+
+/// The data-parallel reduction of a model with expert shards: the non-expert tensors of `grads` summed over
+/// `dense` (the ranks replicating them), the expert shards over `expert_dp` (the ranks holding the same shard) —
+/// one f32 tensor all-reduce per group of the gradients laid end to end, on their device (NCCL on GPUs).
+pub fn reduce_split(
+    grads: &crate::model::NamedTensors,
+    dense: &dyn Communicator,
+    expert_dp: &dyn Communicator,
+) -> Result<crate::model::NamedTensors> {
+    let mut out = grads.clone();
+    for (expert, group) in [(false, dense), (true, expert_dp)] {
+        let names: Vec<&String> = grads.keys().filter(|n| is_expert_param(n) == expert).collect();
+        if group.size() == 1 || names.is_empty() {
+            continue;
+        }
+        let parts = names
+            .iter()
+            .map(|n| {
+                let t = grads[*n].reshape(&[grads[*n].elem_count()])?;
+                if t.dtype() == qkernels::DType::F32 { Ok(t) } else { t.to_dtype(qkernels::DType::F32) }
+            })
+            .collect::<qkernels::Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        let flat = Tensor::cat(&refs, 0)?;
+        let summed = crate::comm::tensor::all_reduce(&flat, group, crate::comm::ReduceOp::Sum)?;
+        let mut off = 0;
+        for n in names {
+            let t = &grads[n];
+            let len = t.elem_count();
+            out.insert(n.clone(), summed.narrow(0, off, len)?.reshape(t.shape())?);
+            off += len;
+        }
+    }
+    Ok(out)
+}
+
+/// `full` with every MoE layer's experts replaced by this rank's shards ([`shard_moe`]); everything else as is.
+pub fn shard_experts(full: &Qwen3Params, layout: &ExpertLayout) -> Result<Qwen3Params> {
+    let mut params = full.clone();
+    for l in &mut params.layers {
+        if let Ffn::Moe(m) = &l.mlp {
+            l.mlp = Ffn::Moe(shard_moe(m, layout)?);
+        }
+    }
+    Ok(params)
 }
 
 /// The communicators of the token dispatcher: the EP group and the ETP group of this rank (groups of one for

@@ -1187,7 +1187,7 @@ impl<'a> Executor<'a> {
         // Forward only: keep nothing but the routing statistics (the recompute form holds just those and x).
         let recompute = m.gradient_checkpointing || !self.training;
         for layer in layers {
-            let (y, sl) = layer_forward_saved(layer, &x, &ctx, tp, sp, recompute)?;
+            let (y, sl) = layer_forward_saved(layer, &x, &ctx, tp, sp, None, recompute)?;
             if let (Some(acc), Some(st)) = (stats.as_mut(), sl.router_stats()) {
                 acc.merge(st)?;
             }
@@ -1283,7 +1283,7 @@ impl<'a> Executor<'a> {
         let ctx = self.step.ctx(&m.local_config, mb);
         let layers = &m.params.chunks[chunk].layers;
         for (i, (layer, sl)) in layers.iter().zip(saved).enumerate().rev() {
-            let (d, g) = layer_backward(layer, &dx, sl, &ctx, aux, tp, sp)?;
+            let (d, g) = layer_backward(layer, &dx, sl, &ctx, aux, tp, sp, None)?;
             accumulate_layer(&mut self.acc.layers[chunk][i], g)?;
             dx = d;
         }

@@ -94,9 +94,11 @@
 //!
 //! # Limits (what is not here yet)
 //!
-//! - Only `dp`, `tp` and `sp`: `pp`, `vpp`, `cp` and `ep` > 1 are [`TpError::Unsupported`] for [`TpModel`]
-//!   ([`crate::pipeline`] runs these blocks per pipeline stage; [`ParallelGroups::new`] accepts `pp > 1`). MoE
-//!   experts and the router are replicated under TP (no expert TP, no expert parallelism).
+//! - `dp`, `tp`, `sp` and `ep` (± `etp`, with sp when `tp > 1`): `pp`, `vpp` and `cp` > 1 are
+//!   [`TpError::Unsupported`] for [`TpModel`] ([`crate::pipeline`] runs these blocks per pipeline stage;
+//!   [`ParallelGroups::new`] accepts `pp > 1` without ep). Without ep the MoE experts and the router are replicated
+//!   under TP; with ep they are sharded over ep × etp and the tokens dispatched (`experts`: where the tokens are,
+//!   how the gradients are reduced, why the optimizer then steps every local parameter).
 //! - The vocabulary is not padded: `vocab_size % tp == 0` is required (Qwen3's 151936 divides by 2…128).
 //! - Under SP the attention and MLP blocks keep their gathered `[T, H]` inputs for backward (Megatron keeps the
 //!   `[T/p, H]` shard and gathers again); recomputation ([`TpModel::with_gradient_checkpointing`]) keeps only the
@@ -130,6 +132,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod experts;
 pub mod mappings;
 mod model;
 mod shard;
@@ -140,6 +143,7 @@ use thiserror::Error;
 pub use model::{
     ParallelGroups, Replication, TpModel, TpStepOutput, replication_of, split_batch_rows,
 };
+pub use experts::ExpertComms;
 pub use shard::{TpPlan, shard_for_rank, unshard};
 // Crate-internal pieces the pipeline stages reuse ([`crate::pipeline`]): one TP/SP layer forward/backward and
 // the TP gradient reductions, so a stage runs exactly the blocks `TpModel` runs.
@@ -177,6 +181,8 @@ pub enum TpError {
     /// A tensor given as a full or sharded parameter has the wrong shape / count.
     #[error("parameter `{name}`: {detail}")]
     Shard { name: String, detail: String },
+    #[error(transparent)]
+    Ep(#[from] crate::expert_parallel::EpError),
 }
 
 impl From<crate::comm::TensorCommError> for TpError {

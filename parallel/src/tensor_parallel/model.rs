@@ -4,6 +4,7 @@
 use qkernels::ops::{self, RopeTable, RouterStats};
 use qkernels::{Device, Tensor};
 
+use super::experts::{ExpertComms, expert_layout};
 use super::mappings::{all_reduce_sum, enter, enter_backward, exit, exit_backward};
 use super::shard::{TpPlan, check_supported_in_pipeline, shard_with_plan, unshard};
 use super::vocab;
@@ -14,14 +15,20 @@ use crate::model::attention::AttentionSaved;
 use crate::model::layer::{FfnSaved, LayerCtx, rope_and_segments};
 use crate::model::moe::{AuxLossGrad, all_reduce_router_stats};
 use crate::model::params::{NamedMismatch, fill_from_named};
+use crate::expert_parallel::{
+    EpMoeSaved, ExpertGroups, ExpertLayout, gather_experts, is_expert_param, moe_backward, moe_forward,
+    reduce_split, shard_experts,
+};
 use crate::model::{Batch, DecoderLayer, Ffn, ModelConfig, NamedTensors, Qwen3Params, SparseMoe};
 
 /// The communicators one rank needs: its TP group, its DP group and its kv replica group (the TP ranks holding
-/// the same kv head; a group of one unless `tp > kv_heads`).
+/// the same kv head; a group of one unless `tp > kv_heads`), plus the expert groups when `ep > 1`
+/// ([`super::experts`]).
 pub struct ParallelGroups {
     pub tp: Box<dyn Communicator>,
     pub dp: Box<dyn Communicator>,
     pub kv_replica: Box<dyn Communicator>,
+    pub experts: Option<ExpertComms>,
 }
 
 impl std::fmt::Debug for ParallelGroups {
@@ -62,7 +69,22 @@ impl ParallelGroups {
             tp: world.split(&tp_groups)?,
             dp: world.split(&dims.groups(GroupKind::Dp))?,
             kv_replica: world.split(&kv_groups)?,
+            experts: if dims.ep() > 1 {
+                Some(ExpertComms::new(world, dims)?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// The groups an optimizer steps over: `(dp, norm groups)` = the DP group (ZeRO shards) and TP, or — with
+    /// expert shards, whose dp ranks hold different parameters — this rank alone and every rank
+    /// ([`super::experts`]).
+    pub fn optimizer_groups(&self) -> (&dyn Communicator, Vec<&dyn Communicator>) {
+        match &self.experts {
+            Some(e) => (&*e.solo, vec![&*e.all]),
+            None => (&*self.dp, vec![&*self.tp]),
+        }
     }
 }
 
@@ -87,7 +109,31 @@ pub(crate) struct LayerActs {
     /// `[T_l, H]`
     h: Tensor,
     rstd2: Tensor,
-    ffn: FfnSaved,
+    ffn: TpFfnSaved,
+}
+
+/// The FFN activations of a TP layer: the single-device block's, or the expert-parallel sparse block's.
+#[allow(clippy::large_enum_variant)] // one per layer, moved once: boxing the common variant buys nothing
+pub(crate) enum TpFfnSaved {
+    Local(FfnSaved),
+    Experts(Box<EpMoeSaved>),
+}
+
+impl TpFfnSaved {
+    fn router_stats(&self) -> Option<&RouterStats> {
+        match self {
+            TpFfnSaved::Local(FfnSaved::Moe(m)) => Some(m.stats()),
+            TpFfnSaved::Local(FfnSaved::Dense(_)) => None,
+            TpFfnSaved::Experts(m) => Some(m.stats()),
+        }
+    }
+}
+
+/// Expert parallelism of a TP model's MoE layers: this rank's shard layout and the dispatcher's groups.
+#[derive(Clone, Copy)]
+pub(crate) struct TpExperts<'a> {
+    layout: &'a ExpertLayout,
+    groups: ExpertGroups<'a>,
 }
 
 /// What a layer's forward leaves for its backward (crate-visible for [`crate::pipeline`]).
@@ -104,10 +150,7 @@ pub(crate) enum LayerSaved {
 impl LayerSaved {
     pub(crate) fn router_stats(&self) -> Option<&RouterStats> {
         match self {
-            LayerSaved::Full(a) => match &a.ffn {
-                FfnSaved::Moe(m) => Some(m.stats()),
-                FfnSaved::Dense(_) => None,
-            },
+            LayerSaved::Full(a) => a.ffn.router_stats(),
             LayerSaved::Recompute { router_stats, .. } => router_stats.as_ref(),
         }
     }
@@ -143,6 +186,8 @@ pub struct TpModel {
     dims: ParallelDims,
     rank: usize,
     groups: ParallelGroups,
+    /// This rank's expert shards when `ep > 1` ([`super::experts`]).
+    experts: Option<ExpertLayout>,
     device: Device,
     /// Recompute each layer's activations in backward instead of keeping them.
     pub gradient_checkpointing: bool,
@@ -219,9 +264,17 @@ impl TpModel {
                 dims.dp()
             )));
         }
+        let experts = expert_layout(config, &dims, rank)?;
+        if experts.is_some() != groups.experts.is_some() {
+            return Err(TpError::Groups(format!(
+                "ep = {} but the groups {} expert communicators",
+                dims.ep(),
+                if groups.experts.is_some() { "have" } else { "lack" }
+            )));
+        }
         let local_config = plan.local_config(config);
-        // Every local shape must be what the plan implies.
-        let want = crate::model::param_shapes(&local_config);
+        // Every local shape must be what the plan (and the expert layout) implies.
+        let want = local_param_shapes(&local_config, experts.as_ref());
         let got = params.named();
         for ((wn, ws), (gn, gt)) in want.iter().zip(&got) {
             if wn != gn || ws.as_slice() != gt.shape() {
@@ -246,6 +299,7 @@ impl TpModel {
             dims,
             rank,
             groups,
+            experts,
             device,
             gradient_checkpointing: false,
         })
@@ -261,7 +315,10 @@ impl TpModel {
         groups: ParallelGroups,
     ) -> Result<Self> {
         let plan = TpPlan::new(config, &dims, rank)?;
-        let params = shard_with_plan(&plan, full)?;
+        let mut params = shard_with_plan(&plan, full)?;
+        if let Some(layout) = expert_layout(config, &dims, rank)? {
+            params = shard_experts(&params, &layout)?;
+        }
         TpModel::new(config, params, dims, rank, groups)
     }
 
@@ -298,7 +355,17 @@ impl TpModel {
 
     /// Does parameter `name` count in a global gradient norm on this rank? Sharded tensors count everywhere,
     /// TP-replicated ones on TP rank 0 only, replicated kv heads on the first rank of their replica group.
+    /// With expert shards (no ZeRO over dp, [`super::experts`]): non-expert tensors by that rule on dp rank 0, each
+    /// expert shard on the first rank of its expert-dp group.
     pub fn counts_in_norm(&self, name: &str) -> bool {
+        if let Some(e) = &self.groups.experts {
+            if is_expert_param(name) {
+                return e.expert_dp.rank() == 0;
+            }
+            if self.groups.dp.rank() != 0 {
+                return false;
+            }
+        }
         match replication_of(name) {
             Replication::Sharded => true,
             Replication::Replicated => self.plan.tp_rank == 0,
@@ -306,11 +373,29 @@ impl TpModel {
         }
     }
 
+    /// The optimizer's dp group: the DP group, or this rank alone with expert shards ([`super::experts`]).
+    pub fn optimizer_dp(&self) -> &dyn Communicator {
+        self.groups.optimizer_groups().0
+    }
+
+    /// What the optimizer is handed: the gradients as they are (it reduces them over dp itself), or with expert
+    /// shards the non-expert tensors summed over dp and the expert shards over expert-dp. Collective over those.
+    pub fn reduce_optimizer_grads(&self, grads: &NamedTensors) -> Result<NamedTensors> {
+        match &self.groups.experts {
+            Some(e) => Ok(reduce_split(grads, &*self.groups.dp, &*e.expert_dp)?),
+            None => Ok(grads.clone()),
+        }
+    }
+
     /// Slices tensors laid out like the full (HF-layout) parameters — the weights themselves, or per-parameter
     /// state such as a checkpoint's AdamW moments — exactly as this rank's parameters were sliced (no
     /// communication). The inverse of [`gather_full`](Self::gather_full).
     pub fn local_from_full(&self, full: &Qwen3Params) -> Result<Qwen3Params> {
-        shard_with_plan(&self.plan, full)
+        let local = shard_with_plan(&self.plan, full)?;
+        match &self.experts {
+            Some(layout) => Ok(shard_experts(&local, layout)?),
+            None => Ok(local),
+        }
     }
 
     /// Global L2 norm of gradients laid out like this rank's parameters (after the DP reduction,
@@ -318,6 +403,11 @@ impl TpModel {
     /// ([`counts_in_norm`](Self::counts_in_norm)), the partial sums of squares summed over TP (f32 on the wire).
     /// The squares are summed on the tensors' device. Collective over TP.
     pub fn grad_norm(&self, grads: &NamedTensors) -> Result<f64> {
+        if self.experts.is_some() {
+            return Err(TpError::Unsupported(
+                "with expert shards the norm runs over every rank: use the distributed optimizer".into(),
+            ));
+        }
         let counted: Vec<&Tensor> = grads
             .iter()
             .filter(|(n, _)| self.counts_in_norm(n))
@@ -340,6 +430,11 @@ impl TpModel {
     /// ([`crate::comm::tensor::reduce_grads`]). Afterwards every DP rank holds the same gradients and can step a
     /// replicated optimizer ([`crate::optim::DeviceAdamW`]). Collective over DP.
     pub fn reduce_dp_grads(&self, grads: &mut NamedTensors) -> Result<()> {
+        if self.experts.is_some() {
+            return Err(TpError::Unsupported(
+                "expert shards are reduced over expert-dp: use reduce_optimizer_grads".into(),
+            ));
+        }
         Ok(crate::comm::tensor::reduce_grads(grads, &*self.groups.dp)?)
     }
 
@@ -351,6 +446,15 @@ impl TpModel {
     /// Gathers any tensors laid out like this rank's parameters (parameters, or gradients after
     /// [`grads_as_params`](Self::grads_as_params)) into the full HF layout over the TP group. Collective over TP.
     pub fn gather_full(&self, local: &Qwen3Params) -> Result<Qwen3Params> {
+        // Expert shards first (over etp-ep): afterwards every TP rank holds the full experts, as without ep.
+        let with_experts;
+        let local = match (&self.experts, &self.groups.experts) {
+            (Some(layout), Some(e)) => {
+                with_experts = gather_experts(local, layout, &*e.etp_ep, self.device)?;
+                &with_experts
+            }
+            _ => local,
+        };
         let tp = &*self.groups.tp;
         let mut parts = Vec::new();
         local.visit(&mut |_, t| parts.push(t.clone()));
@@ -402,7 +506,7 @@ impl TpModel {
         let mut dx = g_norm.dx;
         let mut layer_grads = Vec::with_capacity(f.saved.len());
         for (layer, s) in self.params.layers.iter().zip(f.saved).rev() {
-            let (d, g) = layer_backward(layer, &dx, s, &ctx, aux, tp, sp)?;
+            let (d, g) = layer_backward(layer, &dx, s, &ctx, aux, tp, sp, self.tp_experts())?;
             layer_grads.push(self.reduce_layer_grads(g)?);
             dx = d;
         }
@@ -495,7 +599,7 @@ impl TpModel {
         let mut x = exit(&x0, tp, sp)?; // [T_l, H]
         let mut saved = Vec::with_capacity(self.params.layers.len());
         for layer in &self.params.layers {
-            let (y, s) = layer_forward_saved(layer, &x, ctx, tp, sp, recompute)?;
+            let (y, s) = layer_forward_saved(layer, &x, ctx, tp, sp, self.tp_experts(), recompute)?;
             saved.push(s);
             x = y;
         }
@@ -563,6 +667,41 @@ impl TpModel {
     fn reduce_layer_grads(&self, g: DecoderLayer) -> Result<DecoderLayer> {
         reduce_layer_grads(&self.groups, self.plan.sp, g)
     }
+
+    /// The expert-parallel view of the MoE layers (`None` without ep).
+    fn tp_experts(&self) -> Option<TpExperts<'_>> {
+        match (&self.experts, &self.groups.experts) {
+            (Some(layout), Some(e)) => Some(TpExperts {
+                layout,
+                groups: e.dispatch(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// `(HF name, shape)` of one rank's parameters: the plan's local config, with the MoE experts as this rank's
+/// shards when `experts` is given (`E/ep` experts of `f/etp`; the router keeps all `E` rows).
+fn local_param_shapes(local: &ModelConfig, experts: Option<&ExpertLayout>) -> Vec<(String, Vec<usize>)> {
+    let full = crate::model::param_shapes(local);
+    let (Some(layout), Some(moe)) = (experts, &local.moe) else {
+        return full;
+    };
+    let mut c = local.clone();
+    if let Some(m) = c.moe.as_mut() {
+        m.num_experts = layout.local_experts();
+        m.moe_intermediate_size = layout.local_ffn();
+    }
+    crate::model::param_shapes(&c)
+        .into_iter()
+        .map(|(name, shape)| {
+            if name.ends_with(".mlp.gate.weight") {
+                (name, vec![moe.num_experts, local.hidden_size])
+            } else {
+                (name, shape)
+            }
+        })
+        .collect()
 }
 
 /// The TP reductions of one layer's gradients (see the module docs): `q_norm`/`k_norm` over TP, k/v over the
@@ -584,7 +723,12 @@ pub(crate) fn reduce_layer_grads(
         g.input_layernorm = all_reduce_sum(&g.input_layernorm, tp)?;
         g.post_attention_layernorm = all_reduce_sum(&g.post_attention_layernorm, tp)?;
         if let Ffn::Moe(m) = &mut g.mlp {
-            *m = reduce_moe(m, tp)?;
+            if groups.experts.is_some() {
+                // Expert shards differ across TP ranks; only the replicated router sums its token partials.
+                m.gate = all_reduce_sum(&m.gate, tp)?;
+            } else {
+                *m = reduce_moe(m, tp)?;
+            }
         }
     }
     Ok(g)
@@ -620,6 +764,7 @@ fn layer_forward(
     ctx: &LayerCtx<'_>,
     tp: &dyn Communicator,
     sp: bool,
+    experts: Option<TpExperts<'_>>,
 ) -> Result<(Tensor, LayerActs)> {
     let eps = ctx.cfg.rms_norm_eps;
     let n1 = ops::rmsnorm_fwd(x, &l.input_layernorm, eps)?;
@@ -627,15 +772,20 @@ fn layer_forward(
     let (a, attn) = l.self_attn.forward(&xn, ctx)?;
     let h = x.add(&exit(&a, tp, sp)?)?;
     let n2 = ops::rmsnorm_fwd(&h, &l.post_attention_layernorm, eps)?;
-    let (m, ffn) = match &l.mlp {
-        Ffn::Dense(mlp) => {
+    let (m, ffn) = match (&l.mlp, experts) {
+        (Ffn::Dense(mlp), _) => {
             let (m, s) = mlp.forward(&enter(&n2.y, tp, sp)?)?;
-            (exit(&m, tp, sp)?, FfnSaved::Dense(s))
+            (exit(&m, tp, sp)?, TpFfnSaved::Local(FfnSaved::Dense(s)))
         }
-        Ffn::Moe(moe) => {
+        (Ffn::Moe(moe), None) => {
             let (top_k, norm) = routing_of(ctx.cfg);
             let (m, s) = moe.forward(&n2.y, top_k, norm)?;
-            (m, FfnSaved::Moe(s))
+            (m, TpFfnSaved::Local(FfnSaved::Moe(s)))
+        }
+        // Expert shards: this rank's SP rows go straight to the dispatcher (see super::experts).
+        (Ffn::Moe(moe), Some(e)) => {
+            let (m, s) = moe_forward(moe, &n2.y, routing_of(ctx.cfg), e.layout, e.groups)?;
+            (m, TpFfnSaved::Experts(Box::new(s)))
         }
     };
     let y = h.add(&m)?;
@@ -659,14 +809,12 @@ pub(crate) fn layer_forward_saved(
     ctx: &LayerCtx<'_>,
     tp: &dyn Communicator,
     sp: bool,
+    experts: Option<TpExperts<'_>>,
     recompute: bool,
 ) -> Result<(Tensor, LayerSaved)> {
-    let (y, acts) = layer_forward(l, x, ctx, tp, sp)?;
+    let (y, acts) = layer_forward(l, x, ctx, tp, sp, experts)?;
     let saved = if recompute {
-        let router_stats = match acts.ffn {
-            FfnSaved::Moe(m) => Some(m.stats().clone()),
-            FfnSaved::Dense(_) => None,
-        };
+        let router_stats = acts.ffn.router_stats().cloned();
         LayerSaved::Recompute {
             x: acts.x,
             router_stats,
@@ -678,6 +826,7 @@ pub(crate) fn layer_forward_saved(
 }
 
 /// Backward of [`layer_forward`]: `(dx [T_l, H], local gradients before the TP reductions)`.
+#[allow(clippy::too_many_arguments)] // the layer, its gradient, activations, context and the four layouts
 pub(crate) fn layer_backward(
     l: &DecoderLayer,
     dy: &Tensor,
@@ -686,19 +835,28 @@ pub(crate) fn layer_backward(
     aux: Option<AuxLossGrad<'_>>,
     tp: &dyn Communicator,
     sp: bool,
+    experts: Option<TpExperts<'_>>,
 ) -> Result<(Tensor, DecoderLayer)> {
     let s = match saved {
         LayerSaved::Full(a) => *a,
-        LayerSaved::Recompute { x, .. } => layer_forward(l, &x, ctx, tp, sp)?.1,
+        LayerSaved::Recompute { x, .. } => layer_forward(l, &x, ctx, tp, sp, experts)?.1,
     };
     let (dn2, mlp_grads) = match (&l.mlp, &s.ffn) {
-        (Ffn::Dense(mlp), FfnSaved::Dense(saved)) => {
+        (Ffn::Dense(mlp), TpFfnSaved::Local(FfnSaved::Dense(saved))) => {
             let (d, g) = mlp.backward(&exit_backward(dy, tp, sp)?, saved)?;
             (enter_backward(&d, tp, sp)?, Ffn::Dense(g))
         }
-        (Ffn::Moe(moe), FfnSaved::Moe(saved)) => {
+        (Ffn::Moe(moe), TpFfnSaved::Local(FfnSaved::Moe(saved))) => {
             let (_, norm) = routing_of(ctx.cfg);
             let (d, g) = moe.backward(dy, saved, norm, aux)?;
+            (d, Ffn::Moe(g))
+        }
+        (Ffn::Moe(moe), TpFfnSaved::Experts(saved)) => {
+            let e = experts.ok_or(TpError::Model(crate::model::ModelError::SavedMismatch(
+                "TP layer: expert-parallel activations without the expert groups",
+            )))?;
+            let (_, norm) = routing_of(ctx.cfg);
+            let (d, g) = moe_backward(moe, dy, saved, norm, aux, e.groups)?;
             (d, Ffn::Moe(g))
         }
         _ => {

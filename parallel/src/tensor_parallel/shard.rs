@@ -141,7 +141,8 @@ fn check_factors(dims: &ParallelDims, reject_pipeline: bool) -> Result<()> {
         ("pp", dims.pp()),
         ("vpp", dims.vpp()),
         ("cp", dims.cp()),
-        ("ep", dims.ep()),
+        // Expert parallelism runs inside the TP model without pp / cp (checked in `super::experts`).
+        ("ep", if dims.pp() > 1 || dims.cp() > 1 { dims.ep() } else { 1 }),
     ] {
         if !reject_pipeline && (name == "pp" || name == "vpp") {
             continue;

@@ -38,15 +38,16 @@ impl From<crate::optim::DeviceStepReport> for StepStats {
 }
 
 impl DeviceOptimizer {
-    /// The optimizer of a tensor-parallel rank: sharded over its dp group when `sharded`.
+    /// The optimizer of a tensor-parallel rank: sharded over its dp group when `sharded`; always the ZeRO
+    /// layout (over its optimizer dp group of one) with expert shards.
     pub(super) fn for_tp(
         model: &TpModel,
         zero: ZeroConfig,
         adam: AdamWConfig,
         sharded: bool,
     ) -> Result<Self> {
-        Ok(if sharded {
-            let dp = &*model.groups().dp;
+        Ok(if sharded || model.groups().experts.is_some() {
+            let dp = model.optimizer_dp();
             DeviceOptimizer::Sharded(DeviceDistributedOptimizer::for_params(
                 zero,
                 adam,
@@ -112,8 +113,10 @@ impl DeviceOptimizer {
                     .into()
             }
             DeviceOptimizer::Sharded(opt) => {
+                let grads = model.reduce_optimizer_grads(&grads)?;
                 let (params, groups) = model.params_and_groups_mut();
-                opt.step_with(params, grads, lr, &*groups.dp, &[&*groups.tp])?
+                let (dp, norm) = groups.optimizer_groups();
+                opt.step_with(params, grads, lr, dp, &norm)?
             }
         })
     }

@@ -121,18 +121,24 @@ pub enum EngineKind {
 impl EngineKind {
     /// The model that runs `dims`, or why none does.
     pub fn for_dims(dims: &ParallelDims) -> Result<EngineKind> {
-        let cp_ep = dims.cp() > 1 || dims.ep() > 1;
-        if cp_ep && (dims.tp() > 1 || dims.pp() > 1) {
+        let (cp, ep, tp, pp) = (dims.cp(), dims.ep(), dims.tp(), dims.pp());
+        if (cp > 1 && (tp > 1 || pp > 1)) || (ep > 1 && pp > 1) {
             return Err(TrainError::Layout(format!(
-                "cp = {}, ep = {} together with tp = {}, pp = {}: context and expert parallelism run with \
-                 tp = pp = 1 only (dp × cp × ep × etp), tensor and pipeline parallelism with cp = ep = 1",
-                dims.cp(),
-                dims.ep(),
-                dims.tp(),
-                dims.pp()
+                "cp = {cp}, ep = {ep} together with tp = {tp}, pp = {pp}: context parallelism runs with tp = pp = 1 \
+                 (dp × cp × ep × etp), expert parallelism with pp = 1 and either tp (dp × tp × ep with sp) or cp, \
+                 pipeline parallelism with cp = ep = 1"
             )));
         }
-        Ok(if cp_ep {
+        if ep > 1 && tp > 1 && !dims.sp() {
+            return Err(TrainError::Invalid {
+                key: "sp",
+                reason: format!(
+                    "ep = {ep} with tp = {tp} needs sequence parallelism (sp: true): every rank then routes its own \
+                     tokens"
+                ),
+            });
+        }
+        Ok(if cp > 1 || (ep > 1 && tp == 1) {
             EngineKind::ContextExpert
         } else if dims.pp() > 1 {
             EngineKind::Pipeline
@@ -1132,13 +1138,13 @@ impl Engine {
         Ok(match self {
             Engine::Tp { model, opt } if model.params.embed_tokens.dtype() != qkernels::DType::F32 => {
                 let mut local = model.params.clone();
-                opt.masters_into(&mut local, &*model.groups().dp)?;
+                opt.masters_into(&mut local, model.optimizer_dp())?;
                 model.gather_full(&local)?
             }
             Engine::Tp { model, .. } => model.gather_full_params()?,
             // The f32 masters, laid out like the (maybe bf16) weights.
             Engine::TpDevice { model, opt } => {
-                model.gather_full(&opt.with_masters(model.params.clone(), &*model.groups().dp)?)?
+                model.gather_full(&opt.with_masters(model.params.clone(), model.optimizer_dp())?)?
             }
             Engine::PpDevice { model, opt } => {
                 model.gather_full(&opt.with_masters(model.params.clone(), &*model.groups().stage.dp)?)?

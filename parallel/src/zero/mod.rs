@@ -169,13 +169,13 @@ pub struct DistributedOptimizer {
 impl DistributedOptimizer {
     /// The optimizer of one rank of a [`TpModel`] (its DP group and norm-counting rules come from the model).
     pub fn new(config: ZeroConfig, adam: AdamWConfig, model: &TpModel) -> Result<Self> {
-        let g = model.groups();
+        let dp = model.optimizer_dp();
         DistributedOptimizer::for_params(
             config,
             adam,
             &model.params,
-            g.dp.size(),
-            g.dp.rank(),
+            dp.size(),
+            dp.rank(),
             &|n| model.counts_in_norm(n),
         )
     }
@@ -385,15 +385,18 @@ impl DistributedOptimizer {
         })
     }
 
-    /// One step on a [`TpModel`]: its DP group reduces the gradients, its TP group joins the norm.
+    /// One step on a [`TpModel`]: its DP group reduces the gradients, its TP group joins the norm (with expert
+    /// shards: the model reduces them, every rank joins the norm — [`TpModel::reduce_optimizer_grads`]).
     pub fn step(
         &mut self,
         model: &mut TpModel,
         grads: &NamedTensors,
         lr: f64,
     ) -> Result<StepStats> {
+        let grads = model.reduce_optimizer_grads(grads)?;
         let (params, groups) = model.params_and_groups_mut();
-        self.step_with(params, grads, lr, &*groups.dp, &[&*groups.tp])
+        let (dp, norm) = groups.optimizer_groups();
+        self.step_with(params, &grads, lr, dp, &norm)
     }
 
     /// One step over explicit groups: `dp` reduces the gradients and holds the shards; the partial sums of
