@@ -614,8 +614,8 @@ fn token_dispatch_and_combine_are_adjoint() {
         let groups = CpEpGroups::new(&world, &dims).unwrap();
         let layout = ExpertLayout::from_dims(&dims, rank, experts, 8).unwrap();
         let eg = ExpertGroups {
-            ep: &*groups.ep,
-            etp: &*groups.etp,
+            ep: &*groups.experts.ep,
+            etp: &*groups.experts.etp,
         };
         let mut offsets = vec![0];
         for e in 0..experts {

@@ -19,7 +19,7 @@ use super::{CpAttention, CpBatch, CpError, Result, shard_batch};
 use crate::comm::{Communicator, ReduceOp};
 use crate::dims::{GroupKind, ModelShape, ParallelDims};
 use crate::expert_parallel::{
-    EpMoeSaved, ExpertGroups, ExpertLayout, gather_experts, is_expert_param, moe_backward, moe_forward,
+    EpMoeSaved, ExpertComms, ExpertGroups, ExpertLayout, gather_experts, is_expert_param, moe_backward, moe_forward,
     reduce_split, shard_experts,
 };
 use crate::model::attention::{AttentionCore, AttentionSaved, LocalAttention};
@@ -38,18 +38,9 @@ pub struct CpEpGroups {
     pub cp: Box<dyn Communicator>,
     /// Data × context parallel: loss normaliser, loss, routing statistics, replicated-weight gradients.
     pub dp_cp: Box<dyn Communicator>,
-    /// Expert parallel: the token all-to-alls.
-    pub ep: Box<dyn Communicator>,
-    /// Expert tensor parallel: the uneven all-gather / reduce-scatter of dispatched rows.
-    pub etp: Box<dyn Communicator>,
-    /// Expert tensor × expert parallel: gathering the expert shards back to the full layout.
-    pub etp_ep: Box<dyn Communicator>,
-    /// Expert data parallel: expert-shard gradients.
-    pub expert_dp: Box<dyn Communicator>,
-    /// Every rank of the (single) pipeline stage: the global gradient norm.
-    pub stage: Box<dyn Communicator>,
-    /// This rank alone: the optimizer's "DP group" once gradients are reduced ([`CpEpModel::step`]).
-    pub solo: Box<dyn Communicator>,
+    /// Expert parallelism (groups of one when ep = etp = 1), the norm's group of every rank and the optimizer's
+    /// dp group of one ([`CpEpModel::step`]).
+    pub experts: ExpertComms,
 }
 
 impl std::fmt::Debug for CpEpGroups {
@@ -57,9 +48,9 @@ impl std::fmt::Debug for CpEpGroups {
         f.debug_struct("CpEpGroups")
             .field("cp", &self.cp.global_ranks())
             .field("dp_cp", &self.dp_cp.global_ranks())
-            .field("ep", &self.ep.global_ranks())
-            .field("etp", &self.etp.global_ranks())
-            .field("expert_dp", &self.expert_dp.global_ranks())
+            .field("ep", &self.experts.ep.global_ranks())
+            .field("etp", &self.experts.etp.global_ranks())
+            .field("expert_dp", &self.experts.expert_dp.global_ranks())
             .finish()
     }
 }
@@ -92,24 +83,15 @@ impl CpEpGroups {
                 dims.world()
             )));
         }
-        let n = dims.world();
         Ok(CpEpGroups {
             cp: world.split(&dims.groups(GroupKind::Cp))?,
             dp_cp: world.split(&dims.groups(GroupKind::DpCp))?,
-            ep: world.split(&dims.groups(GroupKind::Ep))?,
-            etp: world.split(&dims.groups(GroupKind::Etp))?,
-            etp_ep: world.split(&dims.groups(GroupKind::EtpEp))?,
-            expert_dp: world.split(&dims.groups(GroupKind::ExpertDp))?,
-            stage: world.split(&[(0..n).collect()])?,
-            solo: world.split(&(0..n).map(|r| vec![r]).collect::<Vec<_>>())?,
+            experts: ExpertComms::new(world, dims)?,
         })
     }
 
     fn experts(&self) -> ExpertGroups<'_> {
-        ExpertGroups {
-            ep: &*self.ep,
-            etp: &*self.etp,
-        }
+        self.experts.dispatch()
     }
 }
 
@@ -229,17 +211,17 @@ impl CpEpModel {
                 dims.dp() * dims.cp(),
                 c.cp + dims.cp() * c.dp,
             ),
-            ("ep", &groups.ep, dims.ep(), e.ep),
-            ("etp", &groups.etp, dims.etp(), e.etp),
+            ("ep", &groups.experts.ep, dims.ep(), e.ep),
+            ("etp", &groups.experts.etp, dims.etp(), e.etp),
             (
                 "etp-ep",
-                &groups.etp_ep,
+                &groups.experts.etp_ep,
                 dims.ep() * dims.etp(),
                 e.etp + dims.etp() * e.ep,
             ),
-            ("expert-dp", &groups.expert_dp, dims.edp(), e.edp),
-            ("stage", &groups.stage, dims.world(), rank),
-            ("solo", &groups.solo, 1, 0),
+            ("expert-dp", &groups.experts.expert_dp, dims.edp(), e.edp),
+            ("stage", &groups.experts.all, dims.world(), rank),
+            ("solo", &groups.experts.solo, 1, 0),
         ];
         for (name, g, size, r) in want {
             if g.size() != size || g.rank() != r {
@@ -347,14 +329,14 @@ impl CpEpModel {
     /// to end, on their device (NCCL on GPUs). Afterwards every replica holds the gradient of the global loss.
     /// Collective over dp-cp and expert-dp.
     pub fn reduce_grads(&self, grads: &NamedTensors) -> Result<NamedTensors> {
-        Ok(reduce_split(grads, &*self.groups.dp_cp, &*self.groups.expert_dp)?)
+        Ok(reduce_split(grads, &*self.groups.dp_cp, &*self.groups.experts.expert_dp)?)
     }
 
     /// Does `name` count in the global gradient norm on this rank? Each element of the global model once: replicated
     /// weights on dp-cp rank 0, each expert shard on expert-dp rank 0 of its replicas.
     pub fn counts_in_norm(&self, name: &str) -> bool {
         if is_expert_param(name) {
-            self.groups.expert_dp.rank() == 0
+            self.groups.experts.expert_dp.rank() == 0
         } else {
             self.groups.dp_cp.rank() == 0
         }
@@ -395,7 +377,7 @@ impl CpEpModel {
         lr: f64,
     ) -> Result<StepStats> {
         let reduced = self.reduce_grads(grads)?;
-        Ok(opt.step_with(&mut self.params, reduced, lr, &*self.groups.solo, &[&*self.groups.stage])?)
+        Ok(opt.step_with(&mut self.params, reduced, lr, &*self.groups.experts.solo, &[&*self.groups.experts.all])?)
     }
 
     /// One optimizer step: [`reduce_grads`](Self::reduce_grads), the global-norm clip over the stage, AdamW.
@@ -411,8 +393,8 @@ impl CpEpModel {
             &mut self.params,
             &reduced,
             lr,
-            &*self.groups.solo,
-            &[&*self.groups.stage],
+            &*self.groups.experts.solo,
+            &[&*self.groups.experts.all],
         )?)
     }
 
@@ -445,7 +427,7 @@ impl CpEpModel {
     /// replicated and taken as is. Collective over the etp-ep group.
     pub fn gather_full(&self, local: &Qwen3Params) -> Result<Qwen3Params> {
         match &self.experts {
-            Some(layout) => Ok(gather_experts(local, layout, &*self.groups.etp_ep, self.device)?),
+            Some(layout) => Ok(gather_experts(local, layout, &*self.groups.experts.etp_ep, self.device)?),
             None => Ok(local.clone()),
         }
     }

@@ -75,7 +75,7 @@ use thiserror::Error;
 
 use crate::comm::tensor::all_to_all_rows;
 use crate::comm::{CommError, CommExt, Communicator, TensorCommError};
-use crate::dims::{DimsError, ParallelDims};
+use crate::dims::{DimsError, GroupKind, ParallelDims};
 use crate::model::moe::AuxLossGrad;
 use crate::model::{Ffn, Mlp, ModelError, Qwen3Params, SparseMoe};
 
@@ -373,6 +373,46 @@ pub fn shard_experts(full: &Qwen3Params, layout: &ExpertLayout) -> Result<Qwen3P
         }
     }
     Ok(params)
+}
+
+/// The communicators of expert parallelism, shared by the cp/ep model and the TP model (split from the world in
+/// this order).
+pub struct ExpertComms {
+    /// Expert parallel: the token all-to-alls.
+    pub ep: Box<dyn Communicator>,
+    /// Expert tensor parallel: the uneven all-gather / reduce-scatter of dispatched rows.
+    pub etp: Box<dyn Communicator>,
+    /// EP × ETP: where the expert shards of one layer live (checkpoint gathers).
+    pub etp_ep: Box<dyn Communicator>,
+    /// Ranks holding the same expert shard: where expert gradients are summed.
+    pub expert_dp: Box<dyn Communicator>,
+    /// Every rank of the (single) pipeline stage: the optimizer's global norm.
+    pub all: Box<dyn Communicator>,
+    /// This rank alone: the optimizer's dp group once the model has reduced the gradients itself.
+    pub solo: Box<dyn Communicator>,
+}
+
+impl ExpertComms {
+    /// Splits `world` into the expert groups of `dims`. Collective over `world`.
+    pub fn new(world: &dyn Communicator, dims: &ParallelDims) -> Result<Self> {
+        let n = dims.world();
+        Ok(ExpertComms {
+            ep: world.split(&dims.groups(GroupKind::Ep))?,
+            etp: world.split(&dims.groups(GroupKind::Etp))?,
+            etp_ep: world.split(&dims.groups(GroupKind::EtpEp))?,
+            expert_dp: world.split(&dims.groups(GroupKind::ExpertDp))?,
+            all: world.split(&[(0..n).collect()])?,
+            solo: world.split(&(0..n).map(|r| vec![r]).collect::<Vec<_>>())?,
+        })
+    }
+
+    /// The token dispatcher's groups.
+    pub fn dispatch(&self) -> ExpertGroups<'_> {
+        ExpertGroups {
+            ep: &*self.ep,
+            etp: &*self.etp,
+        }
+    }
 }
 
 /// The communicators of the token dispatcher: the EP group and the ETP group of this rank (groups of one for

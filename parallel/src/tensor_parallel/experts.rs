@@ -28,46 +28,9 @@
 //! gathers them over the etp-ep group before the TP gather.
 
 use super::{Result, TpError};
-use crate::comm::Communicator;
-use crate::dims::{GroupKind, ParallelDims};
-use crate::expert_parallel::{ExpertGroups, ExpertLayout};
+use crate::dims::ParallelDims;
+use crate::expert_parallel::ExpertLayout;
 use crate::model::ModelConfig;
-
-/// The communicators of expert parallelism in a TP model (all split from the world, in this order).
-pub struct ExpertComms {
-    pub ep: Box<dyn Communicator>,
-    pub etp: Box<dyn Communicator>,
-    /// EP × ETP: where the expert shards of one layer live (checkpoint gathers).
-    pub etp_ep: Box<dyn Communicator>,
-    /// Ranks holding the same expert shard: where expert gradients are summed.
-    pub expert_dp: Box<dyn Communicator>,
-    /// Every rank of the layout (the optimizer's global norm).
-    pub all: Box<dyn Communicator>,
-    /// This rank alone (the optimizer's dp group: nothing left to shard or reduce).
-    pub solo: Box<dyn Communicator>,
-}
-
-impl ExpertComms {
-    /// Splits `world` into the expert groups of `dims`. Collective over `world`.
-    pub fn new(world: &dyn Communicator, dims: &ParallelDims) -> Result<Self> {
-        let n = dims.world();
-        Ok(ExpertComms {
-            ep: world.split(&dims.groups(GroupKind::Ep))?,
-            etp: world.split(&dims.groups(GroupKind::Etp))?,
-            etp_ep: world.split(&dims.groups(GroupKind::EtpEp))?,
-            expert_dp: world.split(&dims.groups(GroupKind::ExpertDp))?,
-            all: world.split(&[(0..n).collect()])?,
-            solo: world.split(&(0..n).map(|r| vec![r]).collect::<Vec<_>>())?,
-        })
-    }
-
-    pub(crate) fn dispatch(&self) -> ExpertGroups<'_> {
-        ExpertGroups {
-            ep: &*self.ep,
-            etp: &*self.etp,
-        }
-    }
-}
 
 /// Checks that `dims` can run expert parallelism in a TP model and returns this rank's expert layout (`None` when
 /// `ep = 1`: the MoE experts are then replicated over TP as before).

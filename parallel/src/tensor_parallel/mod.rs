@@ -143,7 +143,6 @@ use thiserror::Error;
 pub use model::{
     ParallelGroups, Replication, TpModel, TpStepOutput, replication_of, split_batch_rows,
 };
-pub use experts::ExpertComms;
 pub use shard::{TpPlan, shard_for_rank, unshard};
 // Crate-internal pieces the pipeline stages reuse ([`crate::pipeline`]): one TP/SP layer forward/backward and
 // the TP gradient reductions, so a stage runs exactly the blocks `TpModel` runs.

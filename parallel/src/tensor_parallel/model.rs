@@ -4,7 +4,7 @@
 use qkernels::ops::{self, RopeTable, RouterStats};
 use qkernels::{Device, Tensor};
 
-use super::experts::{ExpertComms, expert_layout};
+use super::experts::expert_layout;
 use super::mappings::{all_reduce_sum, enter, enter_backward, exit, exit_backward};
 use super::shard::{TpPlan, check_supported_in_pipeline, shard_with_plan, unshard};
 use super::vocab;
@@ -16,7 +16,7 @@ use crate::model::layer::{FfnSaved, LayerCtx, rope_and_segments};
 use crate::model::moe::{AuxLossGrad, all_reduce_router_stats};
 use crate::model::params::{NamedMismatch, fill_from_named};
 use crate::expert_parallel::{
-    EpMoeSaved, ExpertGroups, ExpertLayout, gather_experts, is_expert_param, moe_backward, moe_forward,
+    EpMoeSaved, ExpertComms, ExpertGroups, ExpertLayout, gather_experts, is_expert_param, moe_backward, moe_forward,
     reduce_split, shard_experts,
 };
 use crate::model::{Batch, DecoderLayer, Ffn, ModelConfig, NamedTensors, Qwen3Params, SparseMoe};

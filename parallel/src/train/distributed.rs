@@ -1152,7 +1152,7 @@ impl Engine {
             Engine::Pp { model, .. } => model.gather_full_params()?,
             Engine::CpEp { model, .. } => model.gather_full_params()?,
             Engine::CpEpDevice { model, opt } => {
-                model.gather_full(&opt.with_masters(model.params.clone(), &*model.groups().solo)?)?
+                model.gather_full(&opt.with_masters(model.params.clone(), &*model.groups().experts.solo)?)?
             }
         })
     }
