@@ -61,12 +61,12 @@
 //!
 //! # Limits
 //!
-//! Counts travel as f32 (exact below 2²⁴ rows). Without ETP (`Q = 1`) the rows stay tensors: the EP all-to-all-v
-//! is [`all_to_all_rows`] (NCCL grouped send/recv on device buffers when the rows are on a GPU) and the regroup is
-//! a row gather ([`ops::embedding_fwd`] with the order as ids; the inverse regroup gathers by the inverse
-//! permutation). With `Q > 1` rows move through host memory (downloaded, exchanged through the groups' host
-//! collectives, uploaded back in the activations' dtype). No capacity factor / token dropping (HF Qwen3-MoE has
-//! none).
+//! Counts travel as f32 (exact below 2²⁴ rows). The rows stay tensors on their device: every exchange is
+//! [`all_to_all_rows`] (NCCL grouped send/recv on device buffers when the rows are on a GPU) — the EP all-to-all-v,
+//! the uneven ETP all-gather (our block sent to every ETP rank) and reduce-scatter (block `q` back to rank `q`,
+//! then a sum over the `Q` partials) — and the regroup is a row gather ([`ops::embedding_fwd`] with the order as
+//! ids; the inverse regroup gathers by the inverse permutation). No capacity factor / token dropping (HF
+//! Qwen3-MoE has none).
 
 use crate::model::moe::expert_weights;
 use qkernels::ops::{self, MoePlan, RouterOut, RouterStats};
@@ -446,27 +446,8 @@ impl ExpertGroups<'_> {
     }
 }
 
-/// `out[i] = rows[order[i]]` for rows of `w` values.
-fn gather_rows(rows: &[f32], w: usize, order: &[usize]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(order.len() * w);
-    for &r in order {
-        out.extend_from_slice(&rows[r * w..(r + 1) * w]);
-    }
-    out
-}
 
-/// `out[order[i]] = rows[i]` (inverse of [`gather_rows`] for a permutation `order`).
-fn scatter_rows(rows: &[f32], w: usize, order: &[usize]) -> Vec<f32> {
-    let mut out = vec![0f32; order.len() * w];
-    for (i, &r) in order.iter().enumerate() {
-        out[r * w..(r + 1) * w].copy_from_slice(&rows[i * w..(i + 1) * w]);
-    }
-    out
-}
 
-fn times(counts: &[usize], w: usize) -> Vec<usize> {
-    counts.iter().map(|c| c * w).collect()
-}
 
 /// The token exchange of one MoE layer for one batch: row counts per rank, the regrouping order and the local
 /// expert offsets. Built once in the forward ([`ExpertRoute::new`], collective: counts only) and reused by the
@@ -576,40 +557,23 @@ impl ExpertRoute {
     /// `D`: rows `[T·k, W]` grouped by global expert → this rank's expert-major rows `[N, W]` (see the module
     /// docs). Used on the activations in forward and on `dyp` in backward. Collective over EP and ETP.
     pub fn dispatch(&self, x: &Tensor, groups: ExpertGroups<'_>) -> Result<Tensor> {
-        let w = self.width(x, self.send_rows.iter().sum(), "dispatch")?;
-        if self.etp == 1 {
-            // Rows stay tensors: the all-to-all on the device (NCCL) when `x` is on a GPU, the regroup a row gather.
-            let xr = if self.ep > 1 {
-                all_to_all_rows(x, &self.send_rows, &self.recv_rows, groups.ep)?
-            } else {
-                x.clone()
-            };
-            return Ok(ops::embedding_fwd(&self.row_ids(&self.order, &x.device())?, &xr)?);
-        }
-        let data = x.to_vec_f32()?;
+        self.width(x, self.send_rows.iter().sum(), "dispatch")?;
+        // 2. The rows of EP rank r's experts go to r (NCCL on GPUs).
         let xr = if self.ep > 1 {
-            groups.ep.all_to_all_v_vec(
-                &data,
-                &times(&self.send_rows, w),
-                &times(&self.recv_rows, w),
-            )?
+            all_to_all_rows(x, &self.send_rows, &self.recv_rows, groups.ep)?
         } else {
-            data
+            x.clone()
         };
+        // 3. Uneven all-gather over ETP as an all-to-all of rows: our block to every ETP rank, theirs back.
         let xg = if self.etp > 1 {
-            // Uneven all-gather as an all-to-all-v: our rows to every ETP rank (all_to_all_v takes one input block
-            // per destination, hence the copies).
-            let mine = xr.len();
-            groups.etp.all_to_all_v_vec(
-                &xr.repeat(self.etp),
-                &vec![mine; self.etp],
-                &times(&self.etp_rows, w),
-            )?
+            let mine = xr.shape()[0];
+            let copies = vec![&xr; self.etp];
+            all_to_all_rows(&Tensor::cat(&copies, 0)?, &vec![mine; self.etp], &self.etp_rows, groups.etp)?
         } else {
             xr
         };
-        let rows = gather_rows(&xg, w, &self.order);
-        Ok(Tensor::from_f32_as(rows, &[self.order.len(), w], &x.device(), x.dtype())?)
+        // 4. Regroup expert-major: a row gather.
+        Ok(ops::embedding_fwd(&self.row_ids(&self.order, &x.device())?, &xg)?)
     }
 
     /// `C = Dᵀ`: expert-major rows `[N, W]` (partial sums over ETP) → rows `[T·k, W]` in the layout `dispatch`
@@ -617,49 +581,26 @@ impl ExpertRoute {
     /// Collective over ETP and EP.
     pub fn combine(&self, y: &Tensor, groups: ExpertGroups<'_>) -> Result<Tensor> {
         let w = self.width(y, self.order.len(), "combine")?;
-        if self.etp == 1 {
-            // The inverse of `dispatch`: un-regroup (a gather by the inverse permutation), then the all-to-all back.
-            let mut inverse = vec![0usize; self.order.len()];
-            for (i, &r) in self.order.iter().enumerate() {
-                inverse[r] = i;
-            }
-            let yg = ops::embedding_fwd(&self.row_ids(&inverse, &y.device())?, y)?;
-            return Ok(if self.ep > 1 {
-                all_to_all_rows(&yg, &self.recv_rows, &self.send_rows, groups.ep)?
-            } else {
-                yg
-            });
+        // Inverse regroup: a gather by the inverse permutation.
+        let mut inverse = vec![0usize; self.order.len()];
+        for (i, &r) in self.order.iter().enumerate() {
+            inverse[r] = i;
         }
-        let yg = scatter_rows(&y.to_vec_f32()?, w, &self.order);
-        let mine: usize = self.recv_rows.iter().sum();
+        let yg = ops::embedding_fwd(&self.row_ids(&inverse, &y.device())?, y)?;
+        // Uneven reduce-scatter over ETP: block q back to ETP rank q, then the sum of the `etp` partials.
         let yr = if self.etp > 1 {
-            // Uneven reduce-scatter: block q back to ETP rank q, then the sum of what came back.
-            let parts = groups.etp.all_to_all_v_vec(
-                &yg,
-                &times(&self.etp_rows, w),
-                &vec![mine * w; self.etp],
-            )?;
-            let mut acc = vec![0f32; mine * w];
-            if !acc.is_empty() {
-                for part in parts.chunks(mine * w) {
-                    acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-                }
-            }
-            acc
+            let mine: usize = self.recv_rows.iter().sum();
+            let parts = all_to_all_rows(&yg, &self.etp_rows, &vec![mine; self.etp], groups.etp)?;
+            parts.reshape(&[self.etp, mine * w])?.sum_dim0()?.reshape(&[mine, w])?
         } else {
             yg
         };
-        let yp = if self.ep > 1 {
-            groups.ep.all_to_all_v_vec(
-                &yr,
-                &times(&self.recv_rows, w),
-                &times(&self.send_rows, w),
-            )?
+        // The inverse all-to-all over EP.
+        Ok(if self.ep > 1 {
+            all_to_all_rows(&yr, &self.recv_rows, &self.send_rows, groups.ep)?
         } else {
             yr
-        };
-        let rows = self.send_rows.iter().sum();
-        Ok(Tensor::from_f32_as(yp, &[rows, w], &y.device(), y.dtype())?)
+        })
     }
 
     /// `ids` as a u32 index tensor on `device` (the rows a gather takes).
