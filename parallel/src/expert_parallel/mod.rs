@@ -770,13 +770,23 @@ pub fn moe_backward(
 mod tests {
     use super::*;
 
+    /// On one rank the regroup order is the identity: dispatch hands the rows over as they are, with the expert
+    /// offsets of the plan, and combine puts them back (the permutations of several ranks, and dispatch/combine
+    /// adjointness, are checked in tests/cp_ep_parity.rs).
     #[test]
-    fn gather_and_scatter_rows_are_inverse() {
-        let rows: Vec<f32> = (0..12).map(|x| x as f32).collect(); // 4 rows of 3
-        let order = [2, 0, 3, 1];
-        let g = gather_rows(&rows, 3, &order);
-        assert_eq!(&g[..3], &[6.0, 7.0, 8.0]);
-        assert_eq!(scatter_rows(&g, 3, &order), rows);
+    fn single_rank_dispatch_regroups_rows_and_combine_puts_them_back() {
+        let comms = crate::comm::CpuCommunicator::thread_group(1);
+        let one: &dyn Communicator = &comms[0];
+        let layout = ExpertLayout::new(2, 4, (1, 0), (1, 0)).unwrap();
+        let groups = ExpertGroups { ep: one, etp: one };
+        // Expert 0 has rows 0..3, expert 1 rows 3..5 (already grouped by global expert, as moe_permute leaves them).
+        let route = ExpertRoute::new(&[0, 3, 5], &layout, groups).unwrap();
+        let x = Tensor::from_f32((0..10).map(|v| v as f32).collect(), &[5, 2], &Device::Cpu).unwrap();
+        let xe = route.dispatch(&x, groups).unwrap();
+        assert_eq!(xe.to_vec_f32().unwrap(), x.to_vec_f32().unwrap(), "one rank: expert-major = expert order");
+        assert_eq!(route.local_offsets(), &[0, 3, 5]);
+        let back = route.combine(&xe.scale(2.0).unwrap(), groups).unwrap();
+        assert_eq!(back.to_vec_f32().unwrap(), x.scale(2.0).unwrap().to_vec_f32().unwrap());
     }
 
     #[test]
