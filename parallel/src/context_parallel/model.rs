@@ -423,7 +423,7 @@ impl CpEpModel {
     }
 
     /// Gathers tensors laid out like this rank's parameters (parameters, or gradients after their reduction) into
-    /// the full HF layout: the expert shards over the etp-ep group ([`unshard_moe`]); everything else is
+    /// the full HF layout: the expert shards over the etp-ep group ([`crate::expert_parallel::gather_experts`]); everything else is
     /// replicated and taken as is. Collective over the etp-ep group.
     pub fn gather_full(&self, local: &Qwen3Params) -> Result<Qwen3Params> {
         match &self.experts {

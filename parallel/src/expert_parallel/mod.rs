@@ -185,7 +185,7 @@ impl ExpertLayout {
     }
 
     /// Position of `(ep_rank, etp_rank)` in the EP×ETP group (`etp_rank + etp·ep_rank`, the group order of
-    /// [`GroupKind::EtpEp`](crate::dims::GroupKind::EtpEp)).
+    /// [`GroupKind::EtpEp`]).
     pub fn etp_ep_index(&self) -> usize {
         self.etp_rank + self.etp * self.ep_rank
     }

@@ -7,7 +7,7 @@
 //! With SP the residual stream of TP rank `i` is its own `T/tp` rows, so every rank of a dp × tp layout holds
 //! *different* tokens — exactly what the EP token dispatcher of [`crate::expert_parallel`] assumes of the ranks of
 //! one EP×ETP group. The sparse block therefore runs on the rank's SP rows `n2 [T/tp, H]` directly
-//! ([`moe_forward`] / [`moe_backward`], collective over EP and ETP) and its output `[T/tp, H]` is already in the
+//! ([`moe_forward`](crate::expert_parallel::moe_forward) / [`moe_backward`](crate::expert_parallel::moe_backward), collective over EP and ETP) and its output `[T/tp, H]` is already in the
 //! residual's layout: no TP enter/exit around it. (Without SP the TP ranks hold the same tokens and would route them
 //! twice; that layout is refused.)
 //!

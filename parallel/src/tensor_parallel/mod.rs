@@ -132,7 +132,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod experts;
+pub mod experts;
 pub mod mappings;
 mod model;
 mod shard;

@@ -9,15 +9,17 @@
 //! | `pp = 1, cp = ep = 1` (dp × tp ± sp) | [`TpModel`] | ZeRO-1 over dp ([`DistributedOptimizer`]) |
 //! | `pp > 1, cp = ep = 1` (dp × tp ± sp × pp × vpp) | [`PipelineModel`] (1F1B / interleaved) | ZeRO-1 over dp |
 //! | `cp > 1` or `ep > 1` with `tp = pp = 1` (dp × cp × ep × etp) | [`CpEpModel`] | AdamW per rank after the dp-cp / expert-dp reduction |
+//! | `ep > 1` with `tp > 1`, sp, `pp = cp = 1` (dp × tp × ep × etp) | [`TpModel`] with expert shards | AdamW per rank after the dp / expert-dp reduction |
 //!
-//! Anything else (cp or ep together with tp or pp) is [`TrainError::Layout`]; LoRA runs on one rank only
+//! Anything else (cp with tp or pp, ep with pp) is [`TrainError::Layout`]; ep with tp but without sp is
+//! [`TrainError::Invalid`] naming `sp`; LoRA runs on one rank only
 //! ([`run_training`](super::run_training)), so `lora` here is [`TrainError::Invalid`].
 //!
 //! On GPUs (and on CPU ranks with `optimizer_on_device`) the same models run with their optimizer state on the
 //! device (`train::device_optimizer`): tp and pp layouts replicate it over dp, or shard it with
 //! `distributed_optimizer` (device ZeRO-1); cp/ep steps the full local parameters after the model's reduction.
-//! `cp > 1` is refused on GPUs (its index-masked attention has no CUDA kernel); ep runs, its token dispatch through
-//! host vectors.
+//! `cp > 1` is refused on GPUs (its index-masked attention has no CUDA kernel); ep runs, its token dispatch an NCCL
+//! all-to-all of rows. ep with tp (and sp) runs in the TP model ([`TpModel`] with expert shards).
 //!
 //! # One step (every rank)
 //!
@@ -799,8 +801,8 @@ enum Engine {
         opt: DistributedOptimizer,
     },
     /// dp × cp × ep × etp on GPUs: gradients summed on the device, reduced by the model over dp-cp / expert-dp,
-    /// AdamW on device masters of the full local parameters. CP's K/V exchange and EP's dispatch still move host
-    /// vectors (cast back to the activations' dtype).
+    /// AdamW on device masters of the full local parameters. CP's K/V exchange still moves host vectors (cast back to
+    /// the activations' dtype); EP's dispatch stays on the device.
     CpEpDevice {
         model: Box<CpEpModel>,
         opt: DeviceOptimizer,
