@@ -1,9 +1,6 @@
 #!/bin/bash
 # Multi-tensor AdamW check + kernel parity + full step vs torch eager + GPU jobs (1 GPU, dp2) with it.
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:$LD_LIBRARY_PATH
-export NCCL_NVLS_ENABLE=0 QCLUSTER_CUDA_INCLUDE=/usr/local/cuda/include QCLUSTER_NVRTC_CACHE=/tmp/nvrtc
-NCCLDIR=$(python3 -c "import nvidia.nccl,os;print(os.path.dirname(nvidia.nccl.__file__))" 2>/dev/null)/lib
-mkdir -p /tmp/ncclink && ln -sf $NCCLDIR/libnccl.so.2 /tmp/ncclink/libnccl.so && export LD_LIBRARY_PATH=/tmp/ncclink:$NCCLDIR:$LD_LIBRARY_PATH
+source bench/gpu/env.sh   # run from the repository root
 F=$PWD/.gpu/last; W=/tmp/w; L=$OUT; mkdir -p $W
 echo "== optim-parity"; timeout 120 $F/qcluster-gpu-bench optim-parity > $L/optim.log 2>&1; echo "rc $?"; grep -E "PASS|FAIL|ms" $L/optim.log | tail -8
 echo "== cuda_parity"; timeout 120 $F/cuda_parity --skip-bench > $L/parity.log 2>&1; echo "rc $?"; grep -E "checks|FAIL" $L/parity.log | tail -3

@@ -24,6 +24,8 @@ import sys
 import time
 
 ROOT = os.getcwd()
+sys.path.insert(0, os.path.join(ROOT, "bench/gpu/train"))
+import job as train_job  # noqa: E402  (bench/gpu/train/job.py: the job spec the GPU job benches share)
 QCTL = os.environ.get("SCALE_QCTL", os.path.join(ROOT, ".gpu/scale/qctl"))
 # SCALE_DEVICE=cpu SCALE_PARITY_MODEL=qwen3-tiny SCALE_SMOKE=1: a CPU smoke test of the driver itself (parity
 # section, 3 steps of 128 tokens).
@@ -82,29 +84,12 @@ def model_config(base, layers=None, **overrides):
     return path
 
 
-def job_yaml(name, cfg, data, seq, mbs, gbs, iters, parallel, extra=""):
-    """A pretrain job `name` writing into WORK/runs/<name>."""
+def job_yaml(name, cfg, data, seq, mbs, gbs, iters, parallel):
+    """A pretrain job `name` writing into WORK/runs/<name>: bench/gpu/train/job.py's spec, no checkpoint, no
+    resume, the distributed optimizer on, `parallel` as the layout."""
     par = ", ".join(f"{k}: {v}" for k, v in parallel.items())
-    return f"""name: {name}
-kind: pretrain
-resources: {{ranks: 1}}
-init: random
-model_config: {cfg}
-dataset: {data}
-output_dir: {WORK}/runs/{name}
-max_length: {seq}
-micro_batch_size: {mbs}
-global_batch_size: {gbs}
-lr: 3.0e-4
-lr_warmup_iters: 2
-train_iters: {iters}
-save_steps: 100000
-logging_steps: 1
-seed: 11
-resume: none
-use_distributed_optimizer: true
-parallel: {{{par}}}
-{extra}"""
+    extra = f"resume: none\nuse_distributed_optimizer: true\nparallel: {{{par}}}\n"
+    return train_job.job_yaml(name, cfg, data, f"{WORK}/runs/{name}", seq, mbs, gbs, iters, extra, save_steps=100000)
 
 
 def run_job(section, name, yaml, nproc, timeout):

@@ -1,9 +1,6 @@
 #!/bin/bash
 # Pipeline parallelism on two GPUs (bf16, device optimizer) against the one-GPU job.
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:$LD_LIBRARY_PATH
-export NCCL_NVLS_ENABLE=0 QCLUSTER_CUDA_INCLUDE=/usr/local/cuda/include QCLUSTER_NVRTC_CACHE=/tmp/nvrtc
-NCCLDIR=$(python3 -c "import nvidia.nccl,os;print(os.path.dirname(nvidia.nccl.__file__))" 2>/dev/null)/lib
-mkdir -p /tmp/ncclink && ln -sf $NCCLDIR/libnccl.so.2 /tmp/ncclink/libnccl.so && export LD_LIBRARY_PATH=/tmp/ncclink:$NCCLDIR:$LD_LIBRARY_PATH
+source bench/gpu/env.sh   # run from the repository root
 F=$PWD/.gpu/last; W=/tmp/w; L=$OUT; mkdir -p $W
 python3 $F/mkdata.py $W/big.jsonl 24 4097 151936
 python3 $F/job.py g1 configs/models/qwen3-0.6b.json $W/big.jsonl $W/g1 4096 4 8 6 > $W/g1.yaml

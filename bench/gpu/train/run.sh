@@ -1,10 +1,7 @@
 #!/bin/bash
 # GPU training jobs through `qctl train --local` (one and two GPUs), against the CPU run and torch_baseline.py.
 set -x
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:$LD_LIBRARY_PATH
-export NCCL_NVLS_ENABLE=0 QCLUSTER_CUDA_INCLUDE=/usr/local/cuda/include QCLUSTER_NVRTC_CACHE=/tmp/nvrtc
-NCCLDIR=$(python3 -c "import nvidia.nccl,os;print(os.path.dirname(nvidia.nccl.__file__))" 2>/dev/null)/lib
-mkdir -p /tmp/ncclink && ln -sf $NCCLDIR/libnccl.so.2 /tmp/ncclink/libnccl.so && export LD_LIBRARY_PATH=/tmp/ncclink:$NCCLDIR:$LD_LIBRARY_PATH
+source bench/gpu/env.sh   # run from the repository root
 Q=$PWD/.gpu/train/qctl; T=.gpu/train; W=/tmp/w; mkdir -p $W
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 $T/mkdata.py $W/tiny.jsonl 64 200 256

@@ -250,9 +250,8 @@ impl DeviceOptimizer {
                     .collect::<Vec<_>>()
             }
             DeviceOptimizer::Sharded(opt) => opt
-                .pieces_to_host()?
+                .pieces_to_host(owns)?
                 .into_iter()
-                .filter(|(name, ..)| owns(name))
                 .map(|(name, r, vals)| (name.to_string(), r, vals))
                 .collect(),
         };

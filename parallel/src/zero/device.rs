@@ -131,13 +131,14 @@ impl DeviceDistributedOptimizer {
         self.steps
     }
 
-    /// Every piece's state copied to the host, in layout order (moments are zeros before the first step): what a
-    /// checkpoint saves.
-    pub fn pieces_to_host(&self) -> Result<Vec<HostPiece<'_>>> {
+    /// The state of every piece whose parameter `keep` selects, copied to the host, in layout order (moments are
+    /// zeros before the first step): what a checkpoint saves (only the pieces it writes are downloaded).
+    pub fn pieces_to_host(&self, keep: &dyn Fn(&str) -> bool) -> Result<Vec<HostPiece<'_>>> {
         self.layout
             .shard_pieces()
             .into_iter()
             .zip(&self.pieces)
+            .filter(|(sp, _)| keep(sp.name))
             .map(|(sp, p)| {
                 Ok((
                     sp.name,
